@@ -1,0 +1,58 @@
+"""The ``ahpa`` command.  Each subcommand lives beside the code it runs and
+registers itself here through a ``register(subparsers)`` function that sets
+``func`` on its parser; this file only collects them and turns
+:class:`AhpaError` into one clear line on stderr (exit status 2)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ahpa import __version__
+from ahpa.errors import AhpaError
+
+# (module, one-line help); each module defines register(subparsers).
+COMMANDS = [
+    "ahpa.train",  # train, demo
+    "ahpa.generate",  # sample
+    "ahpa.evaluation.command",  # evaluate
+    "ahpa.data.extract",  # extract
+    "ahpa.data.tiny_vae",  # train-vae
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ahpa", description="Adaptive Hierarchical Prior Alignment for SiT/DiT training.")
+    parser.add_argument("--version", action="version", version=f"ahpa {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:
+                continue  # a subcommand not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        result = args.func(args)
+    except AhpaError as err:
+        print(f"ahpa {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ahpa {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Typed run configuration: YAML presets plus command-line overrides.
+
+One :class:`Config` describes a whole run.  It is built in three layers, each
+winning over the one before (REPA's fault of YAML silently overriding flags is
+avoided by construction):
+
+1. the dataclass defaults below (the paper's recipe, SPEC section 5),
+2. a YAML file (``configs/*.yaml``), which may name only known keys,
+3. ``section.key=value`` overrides from the command line.
+
+Unknown keys, wrong types and impossible values raise :class:`AhpaError`
+naming the key and the accepted values.  The resolved config is written to the
+run directory as ``config.yaml`` so that a run can be reproduced from it alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ahpa.errors import AhpaError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "SiT-B/2"  # SiT-{Tiny,S,B,L,XL}/{2,4,8}
+    num_classes: int = 1000
+    class_dropout: float = 0.1  # label dropout for classifier-free guidance
+    learn_sigma: bool = False  # True only to load published SiT-XL/2 weights
+
+
+@dataclass
+class DataConfig:
+    source: str = "images"  # images | cache | toy
+    path: str = ""  # ImageNet-layout folder (images) or cache directory (cache)
+    resolution: int = 256
+    hflip: bool = True  # random flips (raw images only; a cache decides itself)
+    num_workers: int = 4
+
+
+@dataclass
+class VAEConfig:
+    path: str = "stabilityai/sd-vae-ft-ema"  # local dir, HF repo id (cache only) or "tiny"
+    scaling_factor: float = 0.18215
+    latent_norm: str = "scale"  # scale | channel_stats (iREPA convention, from a cache manifest)
+
+
+@dataclass
+class TransportConfig:
+    path: str = "linear"  # linear | cosine
+    time_sampling: str = "uniform"  # uniform | lognormal
+    time_mean: float = 0.0  # log-normal location
+    time_std: float = 1.0  # log-normal scale
+
+
+@dataclass
+class PriorConfig:
+    kind: str = "vae_hierarchy"  # none | vae_hierarchy
+    groups: list[str] = field(default_factory=lambda: ["G3", "G4"])
+    split: str = "4/4"  # SD-VAE 512-channel layers: 4/4 | 2/6 | 6/2
+    grouping: str = "auto"  # auto | sd_vae | resolution
+    resample: str = "area"  # area (adaptive average pooling) | bilinear
+    normalize: str = "token"  # token | none | spatial
+
+
+@dataclass
+class AlignConfig:
+    method: str = "ahpa"  # ahpa | vanilla
+    router: str = "dynamic"  # dynamic | uniform | linear | lut | attention | content
+    time_encoding: str = "linear"  # linear | sinusoidal | fourier
+    time_dim: int = 128
+    router_hidden: int = 256
+    router_depth: int = 4  # 3 | 4 | 8
+    lut_bins: int = 10
+    prototypes: int = 8
+    head: str = "conv3"  # conv3 | linear | mlp3 | mlp5 | convblock2 | convblock3 | convblock5
+    loss: str = "cosine"  # cosine | l1 | smooth_l1
+    weight: float = 1.0  # lambda
+    depths: list[int] = field(default_factory=list)  # empty: 25% of the backbone depth
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/default"
+    steps: int = 400_000
+    global_batch: int = 256
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    ema_decay: float = 0.9999
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
+    compile: bool = False
+    tf32: bool = True
+    seed: int = 0
+    log_every: int = 100
+    sample_every: int = 10_000
+    ckpt_every: int = 50_000
+    keep_last: int = 2
+    wandb: bool = False
+    max_minutes: float = 0.0  # 0: no wall-clock limit
+
+
+@dataclass
+class SampleConfig:
+    mode: str = "ode"  # ode | sde
+    method: str = "euler"  # euler | heun (ODE)
+    steps: int = 250
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0  # CFG applies for t in [guidance_low, guidance_high]
+    guidance_high: float = 1.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("images", "cache", "toy"),
+    "vae.latent_norm": ("scale", "channel_stats"),
+    "transport.path": ("linear", "cosine"),
+    "transport.time_sampling": ("uniform", "lognormal"),
+    "prior.kind": ("none", "vae_hierarchy"),
+    "prior.split": ("4/4", "2/6", "6/2"),
+    "prior.grouping": ("auto", "sd_vae", "resolution"),
+    "prior.resample": ("area", "bilinear"),
+    "prior.normalize": ("token", "none", "spatial"),
+    "align.method": ("ahpa", "vanilla"),
+    "align.router": ("dynamic", "uniform", "linear", "lut", "attention", "content"),
+    "align.time_encoding": ("linear", "sinusoidal", "fourier"),
+    "align.head": ("conv3", "linear", "mlp3", "mlp5", "convblock2", "convblock3", "convblock5"),
+    "align.loss": ("cosine", "l1", "smooth_l1"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "sample.mode": ("ode", "sde"),
+    "sample.method": ("euler", "heun"),
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to ``typ``."""
+    origin = typing.get_origin(typ)
+    if origin in (list, typing.List):
+        (inner,) = typing.get_args(typ)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = yaml.safe_load(text)
+            else:
+                value = [v for v in text.split(",") if v.strip()] if text else []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(key, v, inner) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise AhpaError(f"config key '{key}' expects true or false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise AhpaError(f"config key '{key}' expects a number, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if typ is int:
+                if float(number) != int(float(number)):
+                    raise ValueError
+                return int(float(number))
+            return float(number)
+        except (TypeError, ValueError):
+            raise AhpaError(f"config key '{key}' expects {typ.__name__}, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise AhpaError(f"config key '{key}' expects a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unsupported config type {typ} for {key}")
+
+
+def _unknown(key: str, known: list[str]) -> AhpaError:
+    close = difflib.get_close_matches(key.split(".")[-1], known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return AhpaError(f"unknown config key '{key}'.{hint} Known keys here: {', '.join(sorted(known))}.")
+
+
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    """Set ``section.key`` on ``cfg``, converting and checking the value."""
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise AhpaError(f"config override '{dotted}' must look like section.key=value (e.g. train.steps=1000)")
+    section_name, key = parts
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if section_name not in sections:
+        raise _unknown(section_name, sections)
+    section = getattr(cfg, section_name)
+    types_ = _field_types(type(section))
+    if key not in types_:
+        raise _unknown(dotted, list(types_))
+    setattr(section, key, _coerce(dotted, value, types_[key]))
+
+
+def merge_dict(cfg: Config, data: dict, source: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise AhpaError(f"{source}: expected a mapping of sections (model:, train:, ...), got {type(data).__name__}")
+    for section_name, values in data.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise AhpaError(f"{source}: section '{section_name}' must be a mapping of keys, got {values!r}")
+        for key, value in values.items():
+            try:
+                set_key(cfg, f"{section_name}.{key}", value)
+            except AhpaError as err:
+                raise AhpaError(f"{source}: {err}") from None
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise AhpaError(f"override '{item}' must look like section.key=value (e.g. train.global_batch=64)")
+        key, value = item.split("=", 1)
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then command-line overrides (which win)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            preset = Path(__file__).resolve().parent.parent / "configs" / path.name
+            if preset.is_file():
+                path = preset
+            else:
+                raise AhpaError(f"config file '{path}' does not exist; pass a YAML file such as configs/sit-b2-ahpa.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise AhpaError(f"config file '{path}' is not valid YAML: {err}") from None
+        merge_dict(cfg, data, source=str(path))
+    for key, value in parse_overrides(overrides or []):
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise AhpaError(f"config key '{dotted}' is {value!r}; choose one of: {', '.join(allowed)}")
+    if cfg.train.global_batch < 1:
+        raise AhpaError("config key 'train.global_batch' must be at least 1")
+    if cfg.train.steps < 0:
+        raise AhpaError("config key 'train.steps' must be non-negative")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise AhpaError("config key 'train.ema_decay' must lie in [0, 1)")
+    if not 0.0 <= cfg.sample.guidance_low <= cfg.sample.guidance_high <= 1.0:
+        raise AhpaError("sample.guidance_low and sample.guidance_high must satisfy 0 <= low <= high <= 1")
+    if cfg.data.source in ("images", "cache") and not cfg.data.path:
+        raise AhpaError(f"data.source is '{cfg.data.source}' but data.path is empty; set data.path=/path/to/{'imagenet/train' if cfg.data.source == 'images' else 'cache'}")
+    if any(d < 1 for d in cfg.align.depths):
+        raise AhpaError("align.depths are 1-indexed block numbers (>= 1)")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (write, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = merge_dict(Config(), data)
+    validate(cfg)
+    return cfg
