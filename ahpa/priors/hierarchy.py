@@ -1,0 +1,239 @@
+"""Hierarchical VAE priors: the frozen encoder's layers as alignment targets.
+
+SPEC section 2, paper Sec. 4.2, App. A (Table A.8), App. B and App. D.2.  The
+encoder's layers are grouped G1..G4 (shallow to deep); the selected groups'
+feature maps are caught by forward hooks during the ONE ``vae.encode`` call that
+also yields the latent moments, and each map is resampled to the token grid
+inside its hook, so no full-resolution map outlives its layer.
+
+Groupings (``layer_groups``):
+
+- ``"sd_vae"`` (Table A.8): the 15 layers of ``SD_VAE_LAYERS``; G1 = the four
+  128-channel layers, G2 = the three 256-channel layers, and the eight
+  512-channel layers split between G3 and G4 as ``"4/4"`` (default), ``"2/6"``
+  or ``"6/2"`` (App. D.2: layers in G3 / layers in G4).
+- ``"resolution"`` (App. B, any diffusers ``AutoencoderKL`` encoder): a layer's
+  resolution level is the number of 2x downsamplings before its output.  G4 =
+  the lowest-resolution level, G3 = the level before it, then G2, G1; levels
+  above G1's resolution are not used.  diffusers widens channels at a block's
+  first resnet, so a downsampler output still has the previous stage's width:
+  a layer whose width differs from its level's width (the width of the level's
+  last layer) joins the previous, higher-resolution level.  Every group then
+  has one width (checked), as the router sums layers within a group.  On
+  SD-VAE's architecture this gives exactly the ``"sd_vae"`` 2/6 split.
+- ``"auto"``: ``"sd_vae"`` when the encoder has SD-VAE's architecture (same 15
+  layers and widths; SDXL-VAE and FLUX/SD3-style VAEs share it), else
+  ``"resolution"``.  App. B grouped SDXL-VAE by resolution: pass
+  ``grouping="resolution"`` to reproduce it.
+
+Resampling to the ``grid x grid`` token grid (``resample_to_grid``):
+``"area"`` (default, Sec. 4.2) is adaptive average pooling, the exact mean over
+each ``f x f`` block when the map side is ``f * grid``; ``"bilinear"`` (App. A)
+is ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``,
+which reads only the 2x2 pixels around each token centre when downsampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from ahpa.errors import AhpaError
+from ahpa.priors.base import PriorOutput
+from ahpa.priors.vae import encoder_hash
+
+GROUPS = ("G1", "G2", "G3", "G4")
+GROUPINGS = ("auto", "sd_vae", "resolution")
+SPLITS = {"4/4": 4, "2/6": 2, "6/2": 6}  # split -> number of 512-channel layers in G3 (App. D.2)
+RESAMPLES = ("area", "bilinear")
+
+# SPEC section 2 table / Table A.8: SD-VAE's 15 encoder layers and their output widths.
+SD_VAE_LAYERS = (
+    "encoder.conv_in",
+    "encoder.down_blocks.0.resnets.0",
+    "encoder.down_blocks.0.resnets.1",
+    "encoder.down_blocks.0.downsamplers.0",
+    "encoder.down_blocks.1.resnets.0",
+    "encoder.down_blocks.1.resnets.1",
+    "encoder.down_blocks.1.downsamplers.0",
+    "encoder.down_blocks.2.resnets.0",
+    "encoder.down_blocks.2.resnets.1",
+    "encoder.down_blocks.2.downsamplers.0",
+    "encoder.down_blocks.3.resnets.0",
+    "encoder.down_blocks.3.resnets.1",
+    "encoder.mid_block.resnets.0",
+    "encoder.mid_block.attentions.0",
+    "encoder.mid_block.resnets.1",
+)
+SD_VAE_CHANNELS = (128,) * 4 + (256,) * 3 + (512,) * 8
+
+
+@dataclass(frozen=True)
+class EncoderLayer:
+    path: str  # module path relative to the AutoencoderKL
+    channels: int  # output channels
+    level: int  # 2x downsamplings before its output: the map side is image_side / 2**level
+
+
+def encoder_layers(vae: AutoencoderKL) -> list[EncoderLayer]:
+    """The encoder's layers in forward order: conv_in, each down block's resnets and
+    downsampler, then the mid block (resnets[0], then attention/resnet pairs)."""
+    encoder = vae.encoder
+    layers = [EncoderLayer("encoder.conv_in", encoder.conv_in.out_channels, 0)]
+    level = 0
+    for i, block in enumerate(encoder.down_blocks):
+        for j, resnet in enumerate(block.resnets):
+            layers.append(EncoderLayer(f"encoder.down_blocks.{i}.resnets.{j}", resnet.out_channels, level))
+        for j, downsampler in enumerate(block.downsamplers or ()):
+            level += 1
+            layers.append(EncoderLayer(f"encoder.down_blocks.{i}.downsamplers.{j}", downsampler.out_channels, level))
+    mid = encoder.mid_block
+    layers.append(EncoderLayer("encoder.mid_block.resnets.0", mid.resnets[0].out_channels, level))
+    for i, (attention, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+        if attention is not None:
+            layers.append(EncoderLayer(f"encoder.mid_block.attentions.{i}", attention.out_dim, level))
+        layers.append(EncoderLayer(f"encoder.mid_block.resnets.{i + 1}", resnet.out_channels, level))
+    return layers
+
+
+def is_sd_vae(vae: AutoencoderKL) -> bool:
+    """Whether the encoder has SD-VAE's 15 layers with SD-VAE's widths."""
+    layers = encoder_layers(vae)
+    return tuple((l.path, l.channels) for l in layers) == tuple(zip(SD_VAE_LAYERS, SD_VAE_CHANNELS))
+
+
+def resolve_grouping(vae: AutoencoderKL, grouping: str = "auto") -> str:
+    """``"auto"`` -> ``"sd_vae"`` or ``"resolution"``; checks that ``"sd_vae"`` applies."""
+    if grouping not in GROUPINGS:
+        raise AhpaError(f"unknown prior grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
+    sd_vae = is_sd_vae(vae)
+    if grouping == "auto":
+        return "sd_vae" if sd_vae else "resolution"
+    if grouping == "sd_vae" and not sd_vae:
+        raise AhpaError("prior grouping 'sd_vae' needs SD-VAE's encoder architecture; use grouping 'resolution'")
+    return grouping
+
+
+def grouped_layers(vae: AutoencoderKL, grouping: str = "auto", split: str = "4/4") -> dict[str, list[EncoderLayer]]:
+    """Group name -> its layers in forward order, for the groups this encoder has."""
+    if split not in SPLITS:
+        raise AhpaError(f"unknown prior split {split!r}; choose one of {', '.join(SPLITS)}")
+    layers = encoder_layers(vae)
+    if resolve_grouping(vae, grouping) == "sd_vae":
+        g3_end = 7 + SPLITS[split]
+        return {"G1": layers[:4], "G2": layers[4:7], "G3": layers[7:g3_end], "G4": layers[g3_end:]}
+    width = {layer.level: layer.channels for layer in layers}  # the last layer of each level wins
+    levels = sorted(width, reverse=True)  # lowest resolution first
+    groups: dict[str, list[EncoderLayer]] = {}
+    for layer in layers:
+        level = layer.level if layer.channels == width[layer.level] else layer.level - 1
+        rank = levels.index(level)
+        if rank < len(GROUPS):
+            groups.setdefault(GROUPS[-1 - rank], []).append(layer)
+    for name, members in groups.items():
+        if len({layer.channels for layer in members}) != 1:
+            paths = ", ".join(f"{l.path} ({l.channels})" for l in members)
+            raise AhpaError(f"resolution grouping gives {name} mixed channel widths: {paths}; this encoder is unsupported")
+    return {name: groups[name] for name in GROUPS if name in groups}
+
+
+def layer_groups(vae: AutoencoderKL, grouping: str = "auto", split: str = "4/4") -> dict[str, list[str]]:
+    """Group name -> module paths (relative to the AutoencoderKL), SPEC section 2."""
+    return {name: [layer.path for layer in members] for name, members in grouped_layers(vae, grouping, split).items()}
+
+
+def resample_to_grid(x: torch.Tensor, grid: int, mode: str = "area") -> torch.Tensor:
+    """Resample ``[B, C, H, W]`` to ``[B, C, grid, grid]`` (Sec. 4.2 area pooling, or App. A bilinear)."""
+    if mode == "area":
+        return F.adaptive_avg_pool2d(x, grid)
+    return F.interpolate(x, size=(grid, grid), mode="bilinear", align_corners=False, antialias=False)
+
+
+class HierarchicalVAEPrior:
+    """Latent moments and grouped encoder features of a frozen VAE, from one encoder pass.
+
+    ``prior(images)`` takes images in [-1, 1], ``[B, 3, H, W]``, and returns a
+    ``PriorOutput`` whose features map each selected group to
+    ``[B, L_k, C_k, grid, grid]`` float32 (not normalised).  Works under autocast;
+    moments and features are returned as float32.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        groups: Sequence[str] = ("G3", "G4"),
+        grid: int = 16,
+        grouping: str = "auto",
+        split: str = "4/4",
+        resample: str = "area",
+    ) -> None:
+        if resample not in RESAMPLES:
+            raise AhpaError(f"unknown prior resample {resample!r}; choose one of {', '.join(RESAMPLES)}")
+        if grid < 1:
+            raise AhpaError(f"prior grid must be a positive token-grid side, got {grid}")
+        self.vae = vae
+        self.grid = grid
+        self.resample = resample
+        self.grouping = resolve_grouping(vae, grouping)
+        self.split = split if self.grouping == "sd_vae" else None
+        available = grouped_layers(vae, self.grouping, split)
+        unknown = [g for g in groups if g not in available]
+        if unknown:
+            raise AhpaError(
+                f"prior groups {unknown} do not exist for this encoder ({self.grouping} grouping); "
+                f"available: {', '.join(available)}"
+            )
+        self.layers = {name: available[name] for name in GROUPS if name in groups}
+        self._hooked = {l.path: vae.get_submodule(l.path) for members in self.layers.values() for l in members}
+
+    @property
+    def group_shapes(self) -> dict[str, tuple[int, int]]:
+        """Group name -> (L_k layers, C_k channels)."""
+        return {name: (len(members), members[0].channels) for name, members in self.layers.items()}
+
+    def describe(self) -> dict:
+        """Everything that determines the features, for feature-cache manifests (JSON-serialisable)."""
+        return {
+            "encoder_hash": encoder_hash(self.vae),
+            "grouping": self.grouping,
+            "split": self.split,
+            "groups": list(self.layers),
+            "layers": {name: [l.path for l in members] for name, members in self.layers.items()},
+            "channels": {name: members[0].channels for name, members in self.layers.items()},
+            "resample": self.resample,
+            "grid": self.grid,
+        }
+
+    def _hook(self, store: list[torch.Tensor]) -> Callable:
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            # Pool in the layer's dtype (bf16 under autocast), keep float32.
+            store.append(resample_to_grid(output, self.grid, self.resample).float())
+
+        return hook
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> PriorOutput:
+        channels = self.vae.config.in_channels
+        if images.ndim != 4 or images.shape[1] != channels or not images.is_floating_point():
+            raise AhpaError(
+                f"prior expects float images in [-1, 1], [B, {channels}, H, W]; got {images.dtype} {tuple(images.shape)}"
+            )
+        if self.vae.use_tiling:
+            raise AhpaError("tiled VAE encoding splits the feature maps; call vae.disable_tiling() before extraction")
+        outputs: dict[str, list[torch.Tensor]] = {path: [] for path in self._hooked}
+        handles = [module.register_forward_hook(self._hook(outputs[p])) for p, module in self._hooked.items()]
+        try:
+            posterior = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        finally:
+            for handle in handles:
+                handle.remove()
+        # A slicing VAE (vae.enable_slicing()) calls each hook once per image: concatenate.
+        features = {
+            name: torch.stack([torch.cat(outputs[l.path]) for l in members], dim=1)
+            for name, members in self.layers.items()
+        }
+        return PriorOutput(posterior.mean.float(), posterior.std.float(), features)
