@@ -1,0 +1,40 @@
+"""Per-layer normalisation of the hierarchical prior features (SPEC section 2).
+
+The paper is silent on normalisation, but the selected VAE layers differ in
+scale by orders of magnitude, so without it the router's softmax weights would
+be dominated by the loudest layer.  Each layer is normalised on its own, before
+the router mixes the layers of a group (paper Eq. 3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ahpa.errors import AhpaError
+
+NORMALIZE_MODES = ("token", "none", "spatial")
+EPS = 1e-6  # added to the variance; features are float32 by then
+
+
+def normalize_features(f: torch.Tensor, mode: str = "token", eps: float = EPS) -> torch.Tensor:
+    """Normalise features ``[B, L, C, H, W]`` layer by layer, in float32.
+
+    - ``"token"`` (default): every token of every layer is standardised over its
+      C channels, ``(f - mean_C) / sqrt(var_C + eps)`` (biased variance; a
+      LayerNorm without learned parameters).
+    - ``"spatial"``: every channel of every layer is z-scored over H, W.
+    - ``"none"``: the features are only cast to float32.
+    """
+    if f.dim() != 5:
+        raise AhpaError(f"prior features must be [B, L, C, H, W], got shape {tuple(f.shape)}; check the feature cache or prior")
+    f = f.float()
+    if mode == "none":
+        return f
+    if mode == "token":
+        dims: tuple[int, ...] = (2,)
+    elif mode == "spatial":
+        dims = (3, 4)
+    else:
+        raise AhpaError(f"unknown feature normalisation '{mode}'; choose one of: {', '.join(NORMALIZE_MODES)}")
+    var, mean = torch.var_mean(f, dim=dims, correction=0, keepdim=True)
+    return (f - mean) * torch.rsqrt(var + eps)

@@ -1,0 +1,133 @@
+"""The AHPA alignment objective (paper Sec. 4.3-4.4; SPEC sections 3-4).
+
+One module holds everything the alignment branch trains: the router and one
+projection head per alignment depth.  Given the SiT hidden states of the
+aligned blocks, the prior features and the timestep, it returns the per-sample
+alignment loss, already multiplied by lambda, so that the training loop only
+adds it to the diffusion loss: ``L = L_diff + lambda * L_align``.
+
+The target is built from the detached prior features (paper Eqs. 3-4):
+``Y = concat_k(gamma_k * sum_l softmax(alpha_k)_l * norm(F_{k,l}))``, channels
+concatenated in the order of ``group_shapes``.  The router learns from the
+alignment loss alone and nothing of the target reaches the backbone; the
+backbone's gradient comes only through the head.  The objective is saved on its
+own (``objective.safetensors``): the SiT state dict never holds these weights,
+and sampling never runs them (SPEC section 4).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ahpa.align.heads import build_head
+from ahpa.align.losses import LOSS_KINDS, alignment_loss
+from ahpa.align.normalize import NORMALIZE_MODES, normalize_features
+from ahpa.align.router import build_router
+from ahpa.errors import AhpaError
+
+
+class AlignmentObjective(nn.Module):
+    """Router + projection heads + alignment loss.
+
+    Args:
+        hidden_size: width D of the SiT hidden states.
+        grid: token grid side (tokens are ``grid * grid``, row-major as DiT patchifies).
+        group_shapes: group name -> (L_k layers, C_k channels), e.g. ``{"G3": (4, 512), "G4": (4, 512)}``.
+        depths: 1-indexed blocks whose output is aligned; with several, the loss is their mean.
+        router, time_encoding, time_dim, router_hidden, router_depth, lut_bins, prototypes:
+            see :func:`ahpa.align.router.build_router` (config ``align.*``).
+        head: projection head kind (:func:`ahpa.align.heads.build_head`).
+        loss: ``"cosine"`` | ``"l1"`` | ``"smooth_l1"``.
+        weight: lambda.
+        normalize: per-layer feature normalisation (``prior.normalize``).
+    """
+
+    def __init__(self, hidden_size: int, grid: int, group_shapes: dict[str, tuple[int, int]], depths: Sequence[int],
+                 router: str = "dynamic", head: str = "conv3", loss: str = "cosine", weight: float = 1.0,
+                 normalize: str = "token", time_encoding: str = "linear", time_dim: int = 128,
+                 router_hidden: int = 256, router_depth: int = 4, lut_bins: int = 10, prototypes: int = 8):
+        super().__init__()
+        if not depths or any(d < 1 for d in depths):
+            raise AhpaError(f"alignment depths must be 1-indexed block numbers, got {list(depths)}")
+        if loss not in LOSS_KINDS:
+            raise AhpaError(f"unknown alignment loss '{loss}'; choose one of: {', '.join(LOSS_KINDS)}")
+        if normalize not in NORMALIZE_MODES:
+            raise AhpaError(f"unknown feature normalisation '{normalize}'; choose one of: {', '.join(NORMALIZE_MODES)}")
+        self.hidden_size, self.grid = hidden_size, grid
+        self.group_shapes = {g: (int(L), int(C)) for g, (L, C) in group_shapes.items()}
+        self.groups = list(self.group_shapes)
+        self.depths = [int(d) for d in depths]
+        self.loss_kind, self.weight, self.normalize = loss, float(weight), normalize
+        self.router = build_router(
+            router, {g: L for g, (L, _) in self.group_shapes.items()}, time_encoding=time_encoding,
+            time_dim=time_dim, hidden=router_hidden, depth=router_depth, lut_bins=lut_bins,
+            prototypes=prototypes, content_dim=hidden_size if router == "content" else None,
+        )
+        self.target_dim = sum(C for _, C in self.group_shapes.values())
+        self.heads = nn.ModuleDict({str(d): build_head(head, hidden_size, self.target_dim) for d in self.depths})
+
+    def alignment_target(self, features: dict[str, torch.Tensor], t: torch.Tensor,
+                         content: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target ``Y`` ``[B, sum C_k, grid, grid]`` (float32) and ``gamma`` ``[B, K]`` (Eqs. 3-4)."""
+        intra, gamma = self.router(t, content)
+        parts = []
+        for k, g in enumerate(self.groups):
+            if g not in features:
+                raise AhpaError(f"prior features lack group '{g}' (have {sorted(features)}); the cache or prior must provide prior.groups")
+            f = features[g].detach()
+            L, C = self.group_shapes[g]
+            if f.dim() != 5 or tuple(f.shape[1:]) != (L, C, self.grid, self.grid):
+                raise AhpaError(f"prior features of group '{g}' have shape {tuple(f.shape)}, expected [B, {L}, {C}, {self.grid}, {self.grid}]; "
+                                "the cache or prior does not match this model's token grid or prior.split")
+            mix = torch.einsum("bl,blchw->bchw", intra[g], normalize_features(f, self.normalize))
+            parts.append(gamma[:, k, None, None, None] * mix)
+        return torch.cat(parts, dim=1), gamma
+
+    def forward(self, hidden: dict[int, torch.Tensor], features: dict[str, torch.Tensor],
+                t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-sample ``lambda * L_align`` ``[B]`` and statistics: the unweighted mean loss
+        ``align_loss`` and the batch-mean ``gamma_<group>``."""
+        for d in self.depths:
+            if d not in hidden:
+                raise AhpaError(f"no hidden state for alignment depth {d} (have {sorted(hidden)}); pass hidden_depths={self.depths} to the model")
+        # The target is a fixed-precision teacher signal: built in float32 outside autocast.
+        device_type = t.device.type
+        fp32 = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
+        with fp32:
+            # Content router (App. D.6): pooled tokens of the first aligned block, detached so
+            # that the target stays a target and the backbone learns only through the head.
+            content = hidden[self.depths[0]].detach().float().mean(dim=1) if self.router.uses_content else None
+            target, gamma = self.alignment_target(features, t, content)
+        losses = []
+        for d in self.depths:
+            h = hidden[d]
+            B, N, D = h.shape
+            if N != self.grid * self.grid or D != self.hidden_size:
+                raise AhpaError(f"hidden state of block {d} is {tuple(h.shape)}, expected [B, {self.grid * self.grid}, {self.hidden_size}]")
+            x = h.transpose(1, 2).reshape(B, D, self.grid, self.grid)  # token i * grid + j -> (row i, column j)
+            losses.append(alignment_loss(self.heads[str(d)](x), target, self.loss_kind))
+        align = torch.stack(losses).mean(dim=0)
+        # 0-d tensors left on the device (no host sync per step); float() them to log.
+        stats = {"align_loss": align.mean().detach()}
+        stats |= {f"gamma_{g}": gamma[:, k].mean().detach() for k, g in enumerate(self.groups)}
+        return self.weight * align, stats
+
+    @torch.no_grad()
+    def router_weights(self, t_grid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Router output on ``t_grid`` ``[T]`` as CPU float tensors (content router: zero content):
+        ``{"gamma/G3": [T], ..., "intra/G3": [T, L_G3], ...}``, groups in target order."""
+        device = next(self.heads.parameters()).device
+        t = t_grid.detach().to(device=device, dtype=torch.float32).flatten()
+        content = t.new_zeros(t.shape[0], self.hidden_size) if self.router.uses_content else None
+        intra, gamma = self.router(t, content)
+        weights = {f"gamma/{g}": gamma[:, k].cpu() for k, g in enumerate(self.groups)}
+        return weights | {f"intra/{g}": intra[g].cpu() for g in self.groups}
+
+
+def extra_parameters(objective: nn.Module) -> int:
+    """Number of parameters the alignment branch adds to training (0 at inference)."""
+    return sum(p.numel() for p in objective.parameters())
