@@ -29,7 +29,7 @@ from ahpa.errors import AhpaError
 
 @dataclass
 class ModelConfig:
-    name: str = "SiT-B/2"  # SiT-{Tiny,S,B,L,XL}/{2,4,8}
+    name: str = "SiT-B/2"  # SiT-{T,S,B,L,XL}/{2,4,8} (T: tiny, for CPU)
     num_classes: int = 1000
     class_dropout: float = 0.1  # label dropout for classifier-free guidance
     learn_sigma: bool = False  # True only to load published SiT-XL/2 weights
@@ -47,7 +47,7 @@ class DataConfig:
 @dataclass
 class VAEConfig:
     path: str = "stabilityai/sd-vae-ft-ema"  # local dir, HF repo id (cache only) or "tiny"
-    scaling_factor: float = 0.18215
+    scaling_factor: float = 0.0  # 0: the VAE's own config value (0.18215 for SD-VAE)
     latent_norm: str = "scale"  # scale | channel_stats (iREPA convention, from a cache manifest)
 
 
@@ -104,7 +104,8 @@ class TrainConfig:
     ckpt_every: int = 50_000
     keep_last: int = 2
     wandb: bool = False
-    max_minutes: float = 0.0  # 0: no wall-clock limit
+    max_minutes: float = 0.0  # 0: no wall-clock limit; else save and stop (rerun resumes)
+    grid_steps: int = 50  # ODE steps for the periodic EMA sample grids
 
 
 @dataclass

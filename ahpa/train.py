@@ -1,0 +1,401 @@
+"""The training loop: one loop for vanilla SiT and every alignment objective.
+
+    batch -> transport (t, eps, x_t) -> SiT -> v -> diffusion loss --+
+                                        +-> hidden at block d -> head -+-> align loss (x lambda)
+                        features + t -> router -> target -------------+
+
+Alignment is an objective beside the diffusion loss (SPEC section 4): with
+``align.method=vanilla`` it is absent and the loop is plain SiT training.
+
+Determinism: every random draw of step ``s`` (posterior sample, t, eps, label
+dropout, flips) comes from one generator seeded by ``(seed, s)`` for the whole
+global batch, and each rank takes its slice.  So N steps equal N/2 + resume +
+N/2 exactly, and 2 processes give the update of 1 process with the same global
+batch.  Runs resume by themselves from ``OUT/checkpoints/latest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ahpa.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from ahpa.config import Config, load_config, save_config, to_dict
+from ahpa.data.batches import build_source
+from ahpa.errors import AhpaError
+from ahpa.models.sit import SiT, build_sit
+from ahpa.transport import Transport
+
+# Sections that define what a checkpoint holds; changing them between a run and its resume is refused.
+ARCHITECTURE_SECTIONS = ("model", "prior", "align", "vae")
+
+
+class TrainingModule(torch.nn.Module):
+    """SiT plus its alignment objective: the one module that DDP wraps."""
+
+    def __init__(self, sit: SiT, objective: torch.nn.Module | None, transport: Transport):
+        super().__init__()
+        self.sit = sit
+        self.objective = objective
+        self.transport = transport
+
+    def forward(self, x0, y, t, eps, drop, features):
+        depths = tuple(self.objective.depths) if self.objective is not None else ()
+        out = self.transport.training_losses(
+            self.sit, x0, y, hidden_depths=depths, t=t, eps=eps, model_kwargs={"force_drop_ids": drop}
+        )
+        loss_diff = out["loss"]
+        if self.objective is None:
+            return loss_diff.mean(), loss_diff.detach().mean(), torch.zeros((), device=x0.device)
+        loss_align, _ = self.objective(out["hidden"], features, t)
+        return (loss_diff + loss_align).mean(), loss_diff.detach().mean(), loss_align.detach().mean()
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = list(ema.parameters())
+    params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for all random draws of one global step (see module docstring)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def _rank_slice(x: torch.Tensor, rank: int, per_rank: int) -> torch.Tensor:
+    return x[rank * per_rank : (rank + 1) * per_rank]
+
+
+def build_objective(cfg: Config, sit: SiT, group_shapes: dict[str, tuple[int, int]]):
+    if cfg.align.method == "vanilla":
+        return None
+    from ahpa.align.objective import AlignmentObjective
+
+    depths = list(cfg.align.depths) or [sit.default_alignment_depth]
+    if max(depths) > sit.depth:
+        raise AhpaError(f"align.depths {depths} exceed the backbone depth {sit.depth} of {cfg.model.name}")
+    return AlignmentObjective(
+        hidden_size=sit.hidden_size,
+        grid=sit.grid,
+        group_shapes=group_shapes,
+        depths=depths,
+        router=cfg.align.router,
+        time_encoding=cfg.align.time_encoding,
+        time_dim=cfg.align.time_dim,
+        router_hidden=cfg.align.router_hidden,
+        router_depth=cfg.align.router_depth,
+        lut_bins=cfg.align.lut_bins,
+        prototypes=cfg.align.prototypes,
+        head=cfg.align.head,
+        loss=cfg.align.loss,
+        weight=cfg.align.weight,
+        normalize=cfg.prior.normalize,
+    )
+
+
+def _check_resume_config(out: Path, cfg: Config) -> None:
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return
+    before = yaml.safe_load(saved.read_text()) or {}
+    now = to_dict(cfg)
+    for section in ARCHITECTURE_SECTIONS:
+        for key, value in now[section].items():
+            if before.get(section, {}).get(key, value) != value:
+                raise AhpaError(
+                    f"{out} holds a run with {section}.{key}={before[section][key]!r}, but this command asks for {value!r}. "
+                    f"Resume with the same settings (see {saved}) or choose a new --out directory."
+                )
+
+
+def _save_grid(images: torch.Tensor, nrow: int, path: Path) -> None:
+    from torchvision.utils import save_image
+
+    tmp = path.with_name(path.stem + ".tmp.png")
+    save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, tmp, nrow=nrow, padding=1)
+    tmp.replace(path)
+
+
+class Trainer:
+    """Builds a run from a config and trains it; ``run()`` returns the metrics dict."""
+
+    def __init__(self, cfg: Config, *, show_progress: bool = True, resume: bool = True):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.out = Path(cfg.train.out)
+        self.show_progress = show_progress
+        mp = cfg.train.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        acc = self.accelerator
+        self.device = acc.device
+        self.world, self.rank = acc.num_processes, acc.process_index
+        if cfg.train.global_batch % self.world:
+            raise AhpaError(f"train.global_batch={cfg.train.global_batch} does not split over {self.world} processes; use a multiple of {self.world}")
+        self.per_rank = cfg.train.global_batch // self.world
+        if torch.cuda.is_available() and cfg.train.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if resume and acc.is_main_process:
+            _check_resume_config(self.out, cfg)
+
+        torch.manual_seed(cfg.train.seed)  # model initialisation is identical on every rank
+        self.source = build_source(cfg, device=self.device, rank=self.rank, world=self.world, per_rank=self.per_rank)
+        latent_channels, latent_size = self.source.latent_shape[0], self.source.latent_shape[1]
+        self.sit = build_sit(
+            cfg.model.name,
+            input_size=latent_size,
+            in_channels=latent_channels,
+            num_classes=cfg.model.num_classes,
+            class_dropout=cfg.model.class_dropout,
+            learn_sigma=cfg.model.learn_sigma,
+        )
+        if self.source.num_classes > cfg.model.num_classes:
+            raise AhpaError(f"the data has {self.source.num_classes} classes but model.num_classes={cfg.model.num_classes}; set model.num_classes={self.source.num_classes}")
+        self.objective = build_objective(cfg, self.sit, self.source.group_shapes)
+        self.ema = build_sit(
+            cfg.model.name, input_size=latent_size, in_channels=latent_channels, num_classes=cfg.model.num_classes,
+            class_dropout=cfg.model.class_dropout, learn_sigma=cfg.model.learn_sigma,
+        )
+        self.ema.load_state_dict(self.sit.state_dict())
+        self.ema.requires_grad_(False).eval().to(self.device)
+        self.transport = Transport(
+            path=cfg.transport.path, time_sampling=cfg.transport.time_sampling,
+            time_mean=cfg.transport.time_mean, time_std=cfg.transport.time_std,
+        )
+        self.module = TrainingModule(self.sit, self.objective, self.transport)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
+        self.prepared, self.optimizer = acc.prepare(self.module, self.optimizer)
+        self.forward = torch.compile(self.prepared) if cfg.train.compile else self.prepared
+
+        self.step = 0
+        self.history: list[dict] = []
+        self.meta = {
+            "model": cfg.model.name, "input_size": latent_size, "in_channels": latent_channels,
+            "num_classes": cfg.model.num_classes, "learn_sigma": cfg.model.learn_sigma, "vae": cfg.vae.path,
+            "scaling_factor": self.source.latent_scale_scalar, "latent_shift": self.source.latent_shift_list,
+            "latent_scale": self.source.latent_scale_list, "time_convention": "repa", "path": cfg.transport.path,
+        }
+        if resume:
+            ckpt = latest_checkpoint(self.out)
+            if ckpt is not None:
+                state, rng = load_checkpoint(ckpt, model=self.sit, ema=self.ema, objective=self.objective, optimizer=self.optimizer)
+                self.step = int(state["step"])
+                self.history = state.get("history", [])
+                own = rng[self.rank] if self.rank < len(rng) else rng[0]
+                torch.set_rng_state(own["torch"])
+                if torch.cuda.is_available() and "cuda" in own:
+                    torch.cuda.set_rng_state(own["cuda"])
+                acc.print(f"resumed from {ckpt} at step {self.step}")
+        self.source.start(self.step)
+        self.fixed_noise, self.fixed_labels, self.grid_rows = self._grid_inputs()
+
+    # ------------------------------------------------------------------ pieces
+    def _grid_inputs(self):
+        from ahpa.sampling import noise_for_indices
+
+        classes = min(self.source.num_classes, 10)
+        per_class = 8
+        labels = torch.arange(classes).repeat_interleave(per_class)
+        noise = noise_for_indices(range(len(labels)), seed=self.cfg.train.seed, shape=tuple(self.source.latent_shape), device="cpu")
+        return noise, labels, per_class
+
+    @torch.no_grad()
+    def save_sample_grid(self, path: Path) -> None:
+        """Fixed noise and labels, EMA weights in eval mode (REPA's grid used the online model in train mode)."""
+        from ahpa.sampling import sample
+
+        s = self.cfg.sample
+        latents = sample(
+            self.ema, self.fixed_labels.to(self.device), self.fixed_noise.to(self.device),
+            mode="ode", method="euler", steps=min(s.steps, self.cfg.train.grid_steps), cfg_scale=s.cfg_scale,
+            guidance_interval=(s.guidance_low, s.guidance_high), path=self.cfg.transport.path,
+        )
+        images = self.source.decode(latents)
+        _save_grid(images.cpu(), self.grid_rows, path)
+
+    def _rng_states(self) -> list[dict]:
+        own = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            own["cuda"] = torch.cuda.get_rng_state()
+        return self.accelerator.gather_for_metrics([own], use_gather_object=True) if self.world > 1 else [own]
+
+    def save(self) -> Path | None:
+        rng = self._rng_states()
+        if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return None
+        state = {"step": self.step, "data_position": self.step, "history": self.history}
+        ckpt = save_checkpoint(
+            self.out, self.step, model=self.sit, ema=self.ema, objective=self.objective, optimizer=self.optimizer,
+            rng_states=rng, state=state, meta=self.meta, config_yaml=yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
+            keep_last=self.cfg.train.keep_last,
+        )
+        if self.objective is not None:
+            from ahpa.diagnostics.router_plot import plot_router
+
+            plot_router(self.objective, ckpt / "router.png")
+            plot_router(self.objective, self.out / "router.png")
+        self.accelerator.wait_for_everyone()
+        return ckpt
+
+    def _draws(self, step: int, batch: dict) -> tuple:
+        """All random draws of one step for the global batch; this rank's slice."""
+        g = step_generator(self.cfg.train.seed, step)
+        G, C = self.cfg.train.global_batch, tuple(self.source.latent_shape)
+        post_eps = _rank_slice(torch.randn((G, *C), generator=g), self.rank, self.per_rank)
+        t = _rank_slice(self.transport.sample_t(G, "cpu", generator=g), self.rank, self.per_rank)
+        eps = _rank_slice(torch.randn((G, *C), generator=g), self.rank, self.per_rank)
+        drop = _rank_slice(torch.rand(G, generator=g) < self.cfg.model.class_dropout, self.rank, self.per_rank)
+        dev = self.device
+        x0 = self.source.sample_latent(batch, post_eps.to(dev))
+        return x0, t.to(dev), eps.to(dev), drop.to(dev)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        writer = None
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.out / "tb"))
+            if self.step == 0:
+                (self.out / "samples").mkdir(exist_ok=True)
+                self.save_sample_grid(self.out / "samples_step0.png")
+        t_start = time.perf_counter()
+        limit = cfg.train.max_minutes * 60 if cfg.train.max_minutes > 0 else math.inf
+        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (self.show_progress and acc.is_main_process), desc="train", dynamic_ncols=True)
+        self.prepared.train()
+        running = []
+        stopped_early = False
+        while self.step < cfg.train.steps:
+            batch = self.source.next_batch()
+            x0, t, eps, drop = self._draws(self.step, batch)
+            with acc.autocast():
+                loss, loss_diff, loss_align = self.forward(x0, batch["y"], t, eps, drop, batch.get("features"))
+            acc.backward(loss)
+            if cfg.train.grad_clip > 0:
+                acc.clip_grad_norm_(self.module.parameters(), cfg.train.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            update_ema(self.ema, self.sit, cfg.train.ema_decay)
+            self.step += 1
+            running.append(torch.stack([loss.detach(), loss_diff, loss_align]))
+            bar.update(1)
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                self._log(running, writer, bar, time.perf_counter() - t_start)
+                running = []
+            if acc.is_main_process and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+                self.save_sample_grid(self.out / "samples" / f"{self.step:07d}.png")
+            if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
+                self.save()
+            if time.perf_counter() - t_start > limit:
+                stopped_early = True
+                break
+        bar.close()
+        if running:
+            self._log(running, writer, bar, time.perf_counter() - t_start)
+        ckpt = self.save()
+        if acc.is_main_process:
+            self.save_sample_grid(self.out / "samples.png")
+            writer.close()
+        elapsed = time.perf_counter() - t_start
+        return {
+            "steps": self.step, "stopped_early": stopped_early, "train_seconds": elapsed,
+            "checkpoint": str(ckpt) if ckpt else None, "history": self.history,
+        }
+
+    def _log(self, running: list, writer, bar, elapsed: float) -> None:
+        mean = torch.stack(running).mean(0)
+        mean = self.accelerator.reduce(mean, reduction="mean") if self.world > 1 else mean
+        loss, diff, align = (float(v) for v in mean)
+        record = {"step": self.step, "loss": loss, "loss_diffusion": diff, "loss_align": align, "seconds": round(elapsed, 3)}
+        self.history.append(record)
+        if writer is None:
+            return
+        bar.set_postfix(loss=f"{loss:.4f}", align=f"{align:.4f}")
+        writer.add_scalar("loss/total", loss, self.step)
+        writer.add_scalar("loss/diffusion", diff, self.step)
+        if self.objective is not None:
+            writer.add_scalar("loss/align", align, self.step)
+            grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+            weights = self.objective.router_weights(torch.tensor(grid, device=self.device))
+            for name, values in weights.items():  # "gamma/G3": [T], "intra/G3": [T, L]
+                values = torch.as_tensor(values).reshape(len(grid), -1)
+                for i, t in enumerate(grid):
+                    for j, v in enumerate(values[i].tolist()):
+                        writer.add_scalar(f"router/{name}/{j}/t={t}", v, self.step)
+
+
+# ---------------------------------------------------------------------- commands
+def run_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.out:
+        cfg.train.out = args.out
+    metrics = Trainer(cfg, resume=not args.no_resume).run()
+    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))
+    return 0
+
+
+def demo_config(out: str, method: str, overrides: list[str]) -> Config:
+    preset = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
+    cfg = load_config(preset, overrides)
+    cfg.train.out = out
+    if method == "vanilla":
+        cfg.align.method = "vanilla"
+    return cfg
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    cfg = demo_config(args.out, args.method, args.overrides)
+    trainer = Trainer(cfg, resume=not args.no_resume)
+    setup = time.perf_counter() - t0
+    metrics = trainer.run()
+    metrics["setup_seconds"] = setup
+    metrics["total_seconds"] = time.perf_counter() - t0
+    metrics["method"] = cfg.align.method
+    metrics["parameters"] = sum(p.numel() for p in trainer.sit.parameters())
+    if trainer.objective is not None:
+        from ahpa.align.objective import extra_parameters
+        from ahpa.diagnostics.router_plot import router_deviation
+
+        metrics["alignment_parameters"] = extra_parameters(trainer.objective)
+        metrics["router_max_deviation_from_uniform"] = router_deviation(trainer.objective)
+    out = Path(cfg.train.out)
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(out / "metrics.json")
+    print(f"demo finished in {metrics['total_seconds']:.0f} s: {out}/samples.png, {out}/metrics.json"
+          + (f", {out}/router.png" if trainer.objective is not None else ""))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a SiT (vanilla or with an alignment objective)")
+    p.add_argument("--config", help="YAML config (e.g. configs/sit-b2-ahpa.yaml)")
+    p.add_argument("--out", help="run directory (overrides train.out)")
+    p.add_argument("--no-resume", action="store_true", help="do not resume from OUT/checkpoints/latest")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides; they win over the YAML file")
+    p.set_defaults(func=run_train)
+
+    d = subparsers.add_parser("demo", help="train a tiny SiT with AHPA on the bundled digits in a few CPU minutes")
+    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    d.add_argument("--method", choices=("ahpa", "vanilla"), default="ahpa")
+    d.add_argument("--no-resume", action="store_true")
+    d.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/toy.yaml")
+    d.set_defaults(func=run_demo)
