@@ -12,15 +12,15 @@ Layout (one directory per saved step)::
         config.yaml            resolved run config
     RUN/checkpoints/latest     text file naming the newest complete directory
 
-A checkpoint is written into ``0050000.tmp``, flushed, and renamed; ``latest``
-is replaced atomically afterwards.  A kill before the rename leaves the previous
-checkpoint untouched; a stale ``.tmp`` is removed on the next save.
+A checkpoint is written into a hidden temporary directory, fsynced, and renamed
+(:func:`ahpa.io.atomic_dir`); ``latest`` is replaced atomically afterwards.  A kill
+before the rename leaves the previous checkpoint untouched; a stale temporary is
+removed on the next save.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -28,19 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ahpa.errors import AhpaError
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from ahpa.io import atomic_dir, remove_stale_temps, write_text_atomic
 
 
 def _state_dict_for_safetensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -69,28 +57,18 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / (step_dir_name(step) + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_state_dict_for_safetensors(ema), tmp / "ema.safetensors", metadata={"ahpa_meta": json.dumps(meta)})
-    save_file(_state_dict_for_safetensors(model), tmp / "model.safetensors")
-    if objective is not None and len(objective.state_dict()) > 0:
-        save_file(_state_dict_for_safetensors(objective), tmp / "objective.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng_states, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    (tmp / "config.yaml").write_text(config_yaml)
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # the same step saved again (e.g. final save after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    latest_tmp = root / "latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / "latest")
+    remove_stale_temps(final)
+    # overwrite: the same step saved again (e.g. final save after a periodic one)
+    with atomic_dir(final, overwrite=True) as tmp:
+        save_file(_state_dict_for_safetensors(ema), tmp / "ema.safetensors", metadata={"ahpa_meta": json.dumps(meta)})
+        save_file(_state_dict_for_safetensors(model), tmp / "model.safetensors")
+        if objective is not None and len(objective.state_dict()) > 0:
+            save_file(_state_dict_for_safetensors(objective), tmp / "objective.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_states, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        (tmp / "config.yaml").write_text(config_yaml)
+    write_text_atomic(root / "latest", final.name + "\n")
     _prune(root, keep_last)
     return final
 

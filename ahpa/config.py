@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from ahpa.errors import AhpaError
+from ahpa.io import write_text_atomic
 
 
 @dataclass
@@ -293,11 +294,7 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (write, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_from_dict(data: dict) -> Config:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from ahpa.errors import AhpaError
 from ahpa.evaluation.npz import save_npz_atomic, to_uint8
+from ahpa.io import atomic_open, write_json_atomic
 from ahpa.sampling import noise_for_indices, sample, sde_seeds
 
 PARTS_DIR = "parts"
@@ -80,19 +80,13 @@ def _check_manifest(out_dir: Path, settings: dict) -> None:
             raise AhpaError(f"{out_dir} holds samples drawn with other settings ({', '.join(changed)} differ, see "
                             f"{path}); use a new --out directory or delete that one")
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=out_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(settings, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, settings, sort_keys=True)
 
 
 def _write_pngs(png_dir: Path, indices: list[int], images: np.ndarray) -> None:
-    png_dir.mkdir(parents=True, exist_ok=True)
     for index, image in zip(indices, images):
-        path = png_dir / f"{index:06d}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_open(png_dir / f"{index:06d}.png") as f:
+            Image.fromarray(image).save(f, format="PNG")
 
 
 def assemble_samples(out_dir: str | os.PathLike, num: int) -> Path:

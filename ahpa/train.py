@@ -29,6 +29,7 @@ from ahpa.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoi
 from ahpa.config import Config, load_config, save_config, to_dict
 from ahpa.data.batches import build_source
 from ahpa.errors import AhpaError
+from ahpa.io import atomic_open, write_json_atomic
 from ahpa.models.sit import SiT, build_sit
 from ahpa.transport import Transport
 
@@ -118,9 +119,8 @@ def _check_resume_config(out: Path, cfg: Config) -> None:
 def _save_grid(images: torch.Tensor, nrow: int, path: Path) -> None:
     from torchvision.utils import save_image
 
-    tmp = path.with_name(path.stem + ".tmp.png")
-    save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, tmp, nrow=nrow, padding=1)
-    tmp.replace(path)
+    with atomic_open(path) as f:
+        save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, f, format="png", nrow=nrow, padding=1)
 
 
 class Trainer:
@@ -377,9 +377,7 @@ def run_demo(args: argparse.Namespace) -> int:
         metrics["alignment_parameters"] = extra_parameters(trainer.objective)
         metrics["router_max_deviation_from_uniform"] = router_deviation(trainer.objective)
     out = Path(cfg.train.out)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out / "metrics.json")
+    write_json_atomic(out / "metrics.json", metrics, indent=2)
     print(f"demo finished in {metrics['total_seconds']:.0f} s: {out}/samples.png, {out}/metrics.json"
           + (f", {out}/router.png" if trainer.objective is not None else ""))
     return 0

@@ -37,20 +37,15 @@ from ahpa.data.extract import extract_cache
 from ahpa.data.sampler import ResumableSampler
 from ahpa.models.sit import build_sit, count_parameters
 from ahpa.priors.base import PriorOutput
-from ahpa.priors.hierarchy import HierarchicalVAEPrior
+from ahpa.priors.hierarchy import SD_VAE_CONFIG, HierarchicalVAEPrior
 
 IMAGENET_TRAIN = 1_281_167
 
 
 def sd_vae_group_shapes() -> dict[str, tuple[int, int]]:
     """(layers, channels) per group of SD-VAE's encoder (4/4 split), from a randomly initialised copy."""
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-    )
+    with torch.device("meta"):  # shapes only
+        vae = AutoencoderKL(**SD_VAE_CONFIG)
     return HierarchicalVAEPrior(vae, groups=("G1", "G2", "G3", "G4"), grouping="sd_vae").group_shapes
 
 

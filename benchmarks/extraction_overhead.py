@@ -19,21 +19,12 @@ from contextlib import nullcontext
 import torch
 from diffusers import AutoencoderKL
 
-from ahpa.priors.hierarchy import HierarchicalVAEPrior
+from ahpa.priors.hierarchy import SD_VAE_CONFIG, HierarchicalVAEPrior
 
 
 def sd_vae(device: torch.device) -> AutoencoderKL:
     """sd-vae-ft-ema's architecture, randomly initialised (no weights needed)."""
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=256,
-    )
-    return vae.requires_grad_(False).eval().to(device)
+    return AutoencoderKL(**SD_VAE_CONFIG).requires_grad_(False).eval().to(device)
 
 
 def main() -> None:

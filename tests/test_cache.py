@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 
 from ahpa.cli import main as cli_main
@@ -19,30 +18,18 @@ from ahpa.data.extract import extract_cache
 from ahpa.data.images import ImageFolderDataset
 from ahpa.errors import AhpaError
 from ahpa.priors.hierarchy import HierarchicalVAEPrior
+from helpers import small_vae
 from test_data_images import make_image_folder
 
 RES = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny encoder is ~10x slower with threads contending for a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny encoder is ~10x slower with threads contending
 
 
 @pytest.fixture(scope="module")
 def prior() -> HierarchicalVAEPrior:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        latent_channels=4,
-        norm_num_groups=8,
-    ).eval().requires_grad_(False)
+    vae = small_vae((16, 32, 32))
     return HierarchicalVAEPrior(vae, groups=("G3", "G4"), grid=4)  # 32 px -> 8x8 latent -> 4x4 tokens
 
 
@@ -81,7 +68,7 @@ def test_resume_after_kill_gives_identical_cache(folder, prior, reference, tmp_p
     out = tmp_path / "cache"
     assert extract_cache(folder, out, prior, RES, stop_after=stop_after, **KW) is None
     assert not (out / "manifest.json").exists()
-    (out / "shards" / "000004.safetensors.tmp999").write_bytes(b"partial")  # killed mid-write
+    (out / "shards" / ".000004.safetensors.0123abcd.tmp").write_bytes(b"partial")  # killed mid-write
     records = sorted((out / "progress").glob("*.json"))
     if records:  # killed between a shard's rename and its progress record
         records[-1].unlink()

@@ -16,26 +16,15 @@ from ahpa.models.checkpoints import (
     save_ema_safetensors,
 )
 from ahpa.models.sit import SiT, build_sit
+from helpers import randomised
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_sit(name: str = "SiT-T/2", seed: int = 0, **kwargs) -> SiT:
     """A model whose every weight (adaLN-Zero and output layer included) is random."""
-    model = build_sit(name, **{"input_size": 8, "num_classes": 10, **kwargs})
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if key != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
+    return randomised(build_sit(name, **{"input_size": 8, "num_classes": 10, **kwargs}), seed=seed).eval()
 
 
 def assert_same_outputs(a: SiT, b: SiT) -> None:

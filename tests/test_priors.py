@@ -12,8 +12,9 @@ from huggingface_hub import constants as hf_constants
 
 from ahpa.errors import AhpaError
 from ahpa.priors import vae as vae_module
-from ahpa.priors.hierarchy import HierarchicalVAEPrior, encoder_layers, layer_groups, resolve_grouping
+from ahpa.priors.hierarchy import SD_VAE_CONFIG, HierarchicalVAEPrior, encoder_layers, layer_groups, resolve_grouping
 from ahpa.priors.vae import encoder_hash, load_vae, vae_downsample_factor, vae_scaling_factor
+from helpers import small_vae
 
 # SPEC section 2 table, written out by hand: (module, C, H at a 256 input, group under 4/4).
 SPEC_TABLE = [
@@ -38,28 +39,7 @@ SPEC_TABLE = [
 def sd_vae_architecture(device: str | None = None) -> AutoencoderKL:
     """diffusers' sd-vae-ft-ema config, randomly initialised."""
     with torch.device(device or "cpu"):
-        return AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=256,
-        )
-
-
-def small_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 128),
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    return vae.requires_grad_(False).eval()
+        return AutoencoderKL(**SD_VAE_CONFIG)
 
 
 @pytest.fixture(scope="module")

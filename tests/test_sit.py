@@ -8,25 +8,9 @@ import torch.nn.functional as F
 
 from ahpa.errors import AhpaError
 from ahpa.models.sit import SIT_CONFIGS, SiT, build_sit, count_parameters, sincos_pos_embed_2d, timestep_embedding
+from helpers import randomised
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randomised(model: SiT, std: float = 0.1, seed: int = 0) -> SiT:
-    """Overwrite every trainable weight (adaLN-Zero would make blocks the identity)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(model: SiT, batch: int = 3, seed: int = 1):

@@ -34,7 +34,6 @@ over the posterior noise, accumulated in float64 before storage rounding).
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ahpa.errors import AhpaError
+from ahpa.io import atomic_path, file_sha256
 from ahpa.priors.base import PriorOutput
 
 FORMAT = "ahpa-feature-cache"
@@ -123,38 +123,6 @@ def storage_tensors(out: PriorOutput, dtype: str, prefix: str = "") -> dict[str,
     return tensors
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Write JSON to a temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _shard_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
     """Tensor name -> shape, from a shard's header only."""
     with safe_open(os.fspath(path), framework="pt") as f:
@@ -162,26 +130,21 @@ def _shard_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
 
 
 def write_shard(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> dict:
-    """Write a shard safely: temp file, fsync, re-read the header and check it, rename.
+    """Write a shard safely: temp file, re-read the header and check it, fsync, rename.
 
     Returns the shard's record ``{file, count, bytes, sha256}`` (file relative
     to the cache root, i.e. ``shards/<name>``).
     """
     path = Path(path)
     count = int(tensors["labels"].shape[0])
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    # One metadata key only: safetensors writes several in random (hash map) order,
-    # which would make reruns differ byte-wise.
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.fspath(tmp), metadata={"format": FORMAT})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    shapes = _shard_shapes(tmp)
     expected = {k: list(v.shape) for k, v in tensors.items()}
-    if shapes != expected:
-        tmp.unlink()
-        raise AhpaError(f"shard {path.name} read back with shapes {shapes}, written {expected}; check the disk and rerun")
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        # One metadata key only: safetensors writes several in random (hash map) order,
+        # which would make reruns differ byte-wise.
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.fspath(tmp), metadata={"format": FORMAT})
+        shapes = _shard_shapes(tmp)
+        if shapes != expected:
+            raise AhpaError(f"shard {path.name} read back with shapes {shapes}, written {expected}; check the disk and rerun")
     return {"file": f"{path.parent.name}/{path.name}", "count": count, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 

@@ -44,11 +44,11 @@ from ahpa.data.cache import (
     read_manifest,
     storage_tensors,
     verify_cache,
-    write_json_atomic,
     write_shard,
 )
 from ahpa.data.images import ImageFolderDataset, ImageReport, LoadResult
 from ahpa.errors import AhpaError
+from ahpa.io import remove_stale_temps, write_json_atomic
 from ahpa.priors.base import PriorOutput
 from ahpa.priors.hierarchy import HierarchicalVAEPrior
 from ahpa.priors.vae import vae_downsample_factor
@@ -308,8 +308,7 @@ def extract_cache(
     pending = [k for k in range(len(shards)) if _done(out, k) is None]
     todo = [k for k in pending if k % world == rank]
     for k in todo:  # partial shard files of a killed run
-        for stale in (out / "shards").glob(f"{k:06d}.safetensors.tmp*"):
-            stale.unlink()
+        remove_stale_temps(out / "shards" / f"{k:06d}.safetensors")
 
     needed = sum(len(shards[k]) for k in pending) * plan["bytes_per_image"]
     free = shutil.disk_usage(out).free

@@ -22,8 +22,6 @@ import argparse
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from tqdm import tqdm
 
 from ahpa.data.toy import load_toy
 from ahpa.errors import AhpaError
+from ahpa.io import atomic_dir
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_vae"
 RESOLUTION = 32
@@ -91,24 +90,12 @@ def latent_statistics(vae: AutoencoderKL, images: torch.Tensor, seed: int = 0, b
 
 def _save_atomic(vae: AutoencoderKL, out_dir: Path, record: dict) -> None:
     """Save weights, config and training.json into a temp dir, then rename it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, overwrite=True) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        for path in tmp.iterdir():  # mkdtemp and safetensors create owner-only modes
+        for path in tmp.iterdir():  # fixed modes for the committed asset, whatever the umask
             path.chmod(0o644)
         tmp.chmod(0o755)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def train_tiny_vae(

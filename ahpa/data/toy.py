@@ -17,8 +17,6 @@ from train, and identical on every machine and library version.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ahpa.errors import AhpaError
+from ahpa.io import atomic_dir
 
 SPLITS = ("train", "heldout")
 HELDOUT_EVERY = 10  # one digit in ten per class is held out (10%)
@@ -88,19 +87,11 @@ def write_image_folder(root: str | os.PathLike, split: str = "train", resolution
     if root.exists() and any(root.iterdir()):
         raise AhpaError(f"{root} already exists and is not empty; remove it or choose another folder")
     images, labels = load_toy(split, resolution)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_dir(root) as tmp:  # an existing root is empty (checked above) and gets replaced
         for i, (image, y) in enumerate(zip(images, labels.tolist())):
             class_dir = tmp / f"{y}"
             class_dir.mkdir(exist_ok=True)
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(class_dir / f"{i:05d}.png")
-        if root.exists():
-            root.rmdir()  # empty, checked above
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 

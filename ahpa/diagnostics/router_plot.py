@@ -10,12 +10,12 @@ which the sampler visits it.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
 from ahpa.align.objective import AlignmentObjective
+from ahpa.io import atomic_open
 
 
 def router_deviation(objective: AlignmentObjective, t_points: int = 101) -> float:
@@ -53,13 +53,6 @@ def plot_router(objective: AlignmentObjective, path: str | os.PathLike, t_points
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png", dpi=120)
     return values

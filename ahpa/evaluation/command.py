@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ from ahpa.errors import AhpaError
 from ahpa.evaluation.features import cached_features, default_cache_dir
 from ahpa.evaluation.inception import InceptionFeatures, load_inception
 from ahpa.evaluation.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
-from ahpa.evaluation.npz import NpzImages, atomic_open, open_npz_images
+from ahpa.evaluation.npz import NpzImages, open_npz_images
+from ahpa.io import write_json_atomic, write_text_atomic
 
 ADM_NUM_SAMPLES = 50_000
 CSV_FIELDS = ["samples", "num_samples", "fid", "sfid", "inception_score", "precision", "recall", "reference", "weights_source"]
@@ -107,11 +107,6 @@ def evaluate(
     return result
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_open(path, "w") as f:
-        f.write(text)
-
-
 def _append_csv(path: Path, results: list[dict]) -> None:
     """Append one row per result (header on a new file); the file is replaced atomically."""
     old = path.read_text() if path.is_file() else ""
@@ -120,7 +115,7 @@ def _append_csv(path: Path, results: list[dict]) -> None:
     if not old:
         writer.writeheader()
     writer.writerows(results)
-    _write_text(path, old + buffer.getvalue())
+    write_text_atomic(path, old + buffer.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,10 +125,10 @@ def run(args: argparse.Namespace) -> int:
     # All files are written only after every evaluation succeeded.
     if args.out:
         payload = results[0] if len(results) == 1 else {"reference": args.ref, "results": results}
-        _write_text(Path(args.out), json.dumps(payload, indent=2) + "\n")
+        write_json_atomic(args.out, payload, indent=2)
     else:
         for result in results:
-            _write_text(Path(result["samples"]).with_suffix(".metrics.json"), json.dumps(result, indent=2) + "\n")
+            write_json_atomic(Path(result["samples"]).with_suffix(".metrics.json"), result, indent=2)
     csv_path = args.csv or (None if len(results) == 1 else (Path(args.out).with_suffix(".csv") if args.out else Path("metrics.csv")))
     if csv_path:
         _append_csv(Path(csv_path), results)

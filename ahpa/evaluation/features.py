@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ahpa.evaluation.inception import InceptionFeatures
 from ahpa.evaluation.npz import NpzImages
+from ahpa.io import atomic_dir
 
 FEATURE_DIMS = {"pool": 2048, "spatial": 2023, "logits": 1008}
 
@@ -68,17 +67,12 @@ def cached_features(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = cache_dir / f"{images_sha256(images)[:24]}-{extractor.weights_id}"
     if not (entry / "meta.json").is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache_dir))
         try:
-            extract_features(images, extractor, tmp, batch_size, progress)
-            meta = {"file": str(images.path), "shape": list(images.shape), "weights": extractor.source}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            try:
-                os.replace(tmp, entry)
-            except OSError:  # another run finished the same entry first
-                if not (entry / "meta.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_dir(entry) as tmp:
+                extract_features(images, extractor, tmp, batch_size, progress)
+                meta = {"file": str(images.path), "shape": list(images.shape), "weights": extractor.source}
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        except OSError:  # another run finished the same entry first
+            if not (entry / "meta.json").is_file():
+                raise
     return {p.stem: np.load(p, mmap_mode="r") for p in sorted(entry.glob("*.npy"))}

@@ -37,6 +37,7 @@ import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch import nn
 
 from ahpa.errors import AhpaError
+from ahpa.io import file_sha256
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's conversion of the TF graph
 WEIGHTS_SHA256_PREFIX = "6726825d"
@@ -239,12 +240,9 @@ def _hub_cache_file() -> Path:
 
 def _check_hub_hash(path: Path) -> None:
     """torch hub's convention: the file name ends with the first 8 hex digits of its sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    if not digest.hexdigest().startswith(WEIGHTS_SHA256_PREFIX):
-        raise AhpaError(f"{path} is corrupt (sha256 {digest.hexdigest()[:8]}..., expected {WEIGHTS_SHA256_PREFIX}...); delete it and fetch it again")
+    digest = file_sha256(path)
+    if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+        raise AhpaError(f"{path} is corrupt (sha256 {digest[:8]}..., expected {WEIGHTS_SHA256_PREFIX}...); delete it and fetch it again")
 
 
 def _fid_helper_file() -> Path | None:

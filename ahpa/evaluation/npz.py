@@ -10,18 +10,16 @@ permutes NCHW -> NHWC.  This module writes and reads exactly that format.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
 
 from ahpa.errors import AhpaError
+from ahpa.io import atomic_open
 
 IMAGES_KEY = "arr_0"
 
@@ -55,27 +53,6 @@ def _layout_problem(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
             "ahpa.evaluation.npz.to_uint8 (ADM: ((x + 1) * 127.5).clamp(0, 255).to(uint8))"
         )
     return None
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """A file that appears at ``path`` only once fully written.
-
-    Writes go to a temporary file in the same directory, which replaces
-    ``path`` with ``os.replace`` on success and is deleted on any error.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_npz_atomic(path: str | os.PathLike, arr: np.ndarray, **extra: np.ndarray) -> Path:

@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ahpa.errors import AhpaError
+from ahpa.io import atomic_path
 from ahpa.models.sit import SIT_CONFIGS, SiT, build_sit
 
 META_KEY = "ahpa_meta"  # safetensors metadata entry holding the json meta of an ema.safetensors
@@ -145,14 +145,8 @@ def save_ema_safetensors(model: nn.Module, path: str | os.PathLike, meta: dict) 
     path = Path(path)
     state = {_strip_prefixes(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {META_KEY: json.dumps(meta, sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _resolve(path: str | os.PathLike) -> Path:

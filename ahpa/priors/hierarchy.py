@@ -36,6 +36,7 @@ which reads only the 2x2 pixels around each token centre when downsampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Callable, Sequence
 
 import torch
@@ -50,6 +51,24 @@ GROUPS = ("G1", "G2", "G3", "G4")
 GROUPINGS = ("auto", "sd_vae", "resolution")
 SPLITS = {"4/4": 4, "2/6": 2, "6/2": 6}  # split -> number of 512-channel layers in G3 (App. D.2)
 RESAMPLES = ("area", "bilinear")
+
+# diffusers AutoencoderKL kwargs of stabilityai/sd-vae-ft-ema (its config.json): the
+# architecture the groupings below are written for.  ``AutoencoderKL(**SD_VAE_CONFIG)``
+# gives a randomly initialised copy for tests and benchmarks (no weights needed).
+SD_VAE_CONFIG = MappingProxyType(
+    {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (128, 256, 512, 512),
+        "layers_per_block": 2,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 256,
+    }
+)
 
 # SPEC section 2 table / Table A.8: SD-VAE's 15 encoder layers and their output widths.
 SD_VAE_LAYERS = (

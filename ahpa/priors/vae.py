@@ -45,10 +45,10 @@ def load_vae(
             "pass a diffusers AutoencoderKL directory, a Hugging Face repo id in the local cache, or 'tiny'",
         )
     try:
-        vae = AutoencoderKL.from_pretrained(directory, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(directory, local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError) as e:
         raise AhpaError(f"cannot load an AutoencoderKL from {directory}: {e}") from e
-    return vae.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    return vae.requires_grad_(False).eval().to(device=device)
 
 
 def _diffusers_dir(directory: Path, hint: str) -> Path:
