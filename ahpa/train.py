@@ -180,6 +180,7 @@ class Trainer:
 
         self.step = 0
         self.history: list[dict] = []
+        self.wandb_run = None
         self.meta = {
             "model": cfg.model.name, "input_size": latent_size, "in_channels": latent_channels,
             "num_classes": cfg.model.num_classes, "learn_sigma": cfg.model.learn_sigma, "vae": cfg.vae.path,
@@ -273,6 +274,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.out / "tb"))
+            self.wandb_run = _start_wandb(cfg, self.out) if cfg.train.wandb else None
             if self.step == 0:
                 (self.out / "samples").mkdir(exist_ok=True)
                 self.save_sample_grid(self.out / "samples_step0.png")
@@ -313,6 +315,8 @@ class Trainer:
         if acc.is_main_process:
             self.save_sample_grid(self.out / "samples.png")
             writer.close()
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
         elapsed = time.perf_counter() - t_start
         return {
             "steps": self.step, "stopped_early": stopped_early, "train_seconds": elapsed,
@@ -328,17 +332,28 @@ class Trainer:
         if writer is None:
             return
         bar.set_postfix(loss=f"{loss:.4f}", align=f"{align:.4f}")
-        writer.add_scalar("loss/total", loss, self.step)
-        writer.add_scalar("loss/diffusion", diff, self.step)
+        scalars = {"loss/total": loss, "loss/diffusion": diff}
         if self.objective is not None:
-            writer.add_scalar("loss/align", align, self.step)
+            scalars["loss/align"] = align
             grid = (0.0, 0.25, 0.5, 0.75, 1.0)
             weights = self.objective.router_weights(torch.tensor(grid, device=self.device))
             for name, values in weights.items():  # "gamma/G3": [T], "intra/G3": [T, L]
                 values = torch.as_tensor(values).reshape(len(grid), -1)
                 for i, t in enumerate(grid):
                     for j, v in enumerate(values[i].tolist()):
-                        writer.add_scalar(f"router/{name}/{j}/t={t}", v, self.step)
+                        scalars[f"router/{name}/{j}/t={t}"] = v
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, self.step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=self.step)
+
+
+def _start_wandb(cfg: Config, out: Path):
+    try:
+        import wandb
+    except ImportError:
+        raise AhpaError("train.wandb=true but wandb is not installed; pip install wandb, or set train.wandb=false (TensorBoard logs are always written)") from None
+    return wandb.init(project="ahpa", name=out.name, dir=str(out), config=to_dict(cfg), resume="allow")
 
 
 # ---------------------------------------------------------------------- commands

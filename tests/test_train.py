@@ -145,3 +145,14 @@ def test_two_processes_equal_one(tmp_path):
     assert a.keys() == b.keys()
     for k in a:  # same update up to the order of floating-point sums in the all-reduce
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_wandb_without_the_package_is_a_clear_error(tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(AhpaError, match="pip install wandb"):
+        Trainer(toy_cfg(tmp_path, "train.steps=1", "train.wandb=true"), show_progress=False).run()
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing written
