@@ -220,7 +220,14 @@ def finalize(out: Path, plan: dict, num_shards: int) -> dict:
         raise AhpaError(f"{len(missing)} shards of '{out}' are unfinished (first: {missing[0]}); rerun `ahpa extract` to complete them")
     count = sum(r["count"] for r in records)
     if count == 0:
-        raise AhpaError(f"no image of the folder could be decoded; nothing cached in '{out}'")
+        failed = sorted(f for r in records for f in r["failed"])
+        for k in range(num_shards):  # an empty cache is no result: let a rerun after fixing the images start over
+            (out / "progress" / f"{k:06d}.json").unlink(missing_ok=True)
+        first = f" (first: {failed[0]})" if failed else ""
+        raise AhpaError(
+            f"none of the {len(failed)} images of the folder could be decoded{first}; nothing cached in '{out}'. "
+            "Replace or remove the broken files and rerun the same command"
+        )
     classes = plan["images"]["root_classes"]
     labels = Counter()
     sums = np.zeros(plan["latent_shape"][0])

@@ -237,4 +237,7 @@ class ImageFolderDataset(Dataset):
             if result.path not in self.report.failed:  # warn once per file and process
                 self.report.record(result)
                 warnings.warn(f"skipping undecodable image {result.path} ({result.error}); using the next one", stacklevel=2)
-        raise AhpaError(f"no image under '{self.root}' could be decoded; {self.report.summary()}")
+        raise AhpaError(
+            f"no image under '{self.root}' could be decoded ({self.report.summary()}); "
+            "replace or remove the broken files, or point data.path at the right folder"
+        )

@@ -67,11 +67,7 @@ def evaluate(
     ``extractor`` overrides the Inception lookup (tests pass a random-init one).
     """
     samples, reference = open_npz_images(samples_path), open_npz_images(ref_path)
-    if samples.resolution != reference.resolution:
-        raise AhpaError(
-            f"samples {samples.path} are {samples.resolution[0]}x{samples.resolution[1]} but reference {reference.path} is "
-            f"{reference.resolution[0]}x{reference.resolution[1]}; use the reference batch of the sample resolution"
-        )
+    _check_resolution(samples, reference)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if extractor is None:
         extractor = load_inception(inception, device)
@@ -118,7 +114,18 @@ def _append_csv(path: Path, results: list[dict]) -> None:
     write_text_atomic(path, old + buffer.getvalue())
 
 
+def _check_resolution(samples: NpzImages, reference: NpzImages) -> None:
+    if samples.resolution != reference.resolution:
+        raise AhpaError(
+            f"samples {samples.path} are {samples.resolution[0]}x{samples.resolution[1]} but reference {reference.path} is "
+            f"{reference.resolution[0]}x{reference.resolution[1]}; use the reference batch of the sample resolution"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    reference = open_npz_images(args.ref)  # bad input is reported before any weights are looked up
+    for path in args.samples:
+        _check_resolution(open_npz_images(path), reference)
     extractor = load_inception(args.inception, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"Inception weights: {extractor.source}", file=sys.stderr)
     results = [evaluate(path, args.ref, batch_size=args.batch, cache_dir=args.cache_dir, extractor=extractor) for path in args.samples]

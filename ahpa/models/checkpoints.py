@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -118,15 +119,23 @@ def _check_shapes(model: SiT, state: Mapping[str, Tensor], arch: dict, source: P
                         "pass the matching model name (or none, to infer it)")
 
 
+_WHAT_TO_PASS = "pass RUN/checkpoints/<step>/, its ema.safetensors, or a published SiT/REPA .pt"
+
+
 def _torch_load(path: Path) -> Mapping:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        raise AhpaError(f"'{path}' is not a PyTorch checkpoint; {_WHAT_TO_PASS}")
     # REPA and SiT training checkpoints carry their argparse.Namespace under "args".
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AhpaError(f"cannot read '{path}' with torch.load(weights_only=True): {reason}; if you trust the file, "
-                        "re-save its weights alone, e.g. torch.save(ckpt['ema'], 'ema.pt'), and pass that") from None
+    except pickle.UnpicklingError:
+        raise AhpaError(f"'{path}' holds Python objects besides tensors, which torch.load(weights_only=True) refuses for safety; if you trust "
+                        "the file, re-save its weights alone, e.g. torch.save(ckpt['ema'], 'ema.pt'), and pass that") from None
+    except Exception:  # torch raises many types on a damaged archive
+        raise AhpaError(f"'{path}' is not a readable PyTorch checkpoint (damaged or truncated?); {_WHAT_TO_PASS}") from None
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -136,7 +145,7 @@ def read_meta(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise AhpaError(f"cannot read safetensors file '{path}': {e}") from None
+        raise AhpaError(f"cannot read safetensors file '{path}' ({e}): it is not a safetensors checkpoint or it is truncated; {_WHAT_TO_PASS}") from None
     return json.loads(metadata[META_KEY]) if META_KEY in metadata else {}
 
 
@@ -173,7 +182,7 @@ def load_model_for_sampling(path: str | os.PathLike, model_name: str | None = No
         try:
             raw = load_file(str(path))
         except (SafetensorError, OSError) as e:
-            raise AhpaError(f"cannot read safetensors file '{path}': {e}") from None
+            raise AhpaError(f"cannot read safetensors file '{path}' ({e}): it is not a safetensors checkpoint or it is truncated; {_WHAT_TO_PASS}") from None
         meta = read_meta(path)
     else:
         raw = _unwrap(_torch_load(path))
