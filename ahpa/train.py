@@ -27,7 +27,7 @@ import yaml
 
 from ahpa.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from ahpa.config import Config, load_config, save_config, to_dict
-from ahpa.data.batches import build_source
+from ahpa.data.batches import build_source, step_generator
 from ahpa.errors import AhpaError
 from ahpa.io import atomic_open, write_json_atomic
 from ahpa.models.sit import SiT, build_sit
@@ -63,11 +63,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     ema_params = list(ema.parameters())
     params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator for all random draws of one global step (see module docstring)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
 
 
 def _rank_slice(x: torch.Tensor, rank: int, per_rank: int) -> torch.Tensor:
@@ -252,15 +247,14 @@ class Trainer:
 
     def _draws(self, step: int, batch: dict) -> tuple:
         """All random draws of one step for the global batch; this rank's slice."""
-        g = step_generator(self.cfg.train.seed, step)
+        dev = self.device  # drawn on the device: the global batch costs nothing there
+        g = step_generator(self.cfg.train.seed, step, dev)
         G, C = self.cfg.train.global_batch, tuple(self.source.latent_shape)
-        post_eps = _rank_slice(torch.randn((G, *C), generator=g), self.rank, self.per_rank)
-        t = _rank_slice(self.transport.sample_t(G, "cpu", generator=g), self.rank, self.per_rank)
-        eps = _rank_slice(torch.randn((G, *C), generator=g), self.rank, self.per_rank)
-        drop = _rank_slice(torch.rand(G, generator=g) < self.cfg.model.class_dropout, self.rank, self.per_rank)
-        dev = self.device
-        x0 = self.source.sample_latent(batch, post_eps.to(dev))
-        return x0, t.to(dev), eps.to(dev), drop.to(dev)
+        post_eps = _rank_slice(torch.randn((G, *C), generator=g, device=dev), self.rank, self.per_rank)
+        t = _rank_slice(self.transport.sample_t(G, dev, generator=g), self.rank, self.per_rank)
+        eps = _rank_slice(torch.randn((G, *C), generator=g, device=dev), self.rank, self.per_rank)
+        drop = _rank_slice(torch.rand(G, generator=g, device=dev) < self.cfg.model.class_dropout, self.rank, self.per_rank)
+        return self.source.sample_latent(batch, post_eps), t, eps, drop
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:

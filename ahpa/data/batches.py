@@ -25,6 +25,15 @@ from ahpa.errors import AhpaError
 from ahpa.priors.base import PriorOutput
 
 
+def step_generator(seed: int, step: int, device="cpu", stream: int = 0) -> torch.Generator:
+    """The generator of all random draws of global step ``step`` (``stream`` separates independent uses).
+
+    Seeded by (seed, step) alone, so a resumed run draws what an uninterrupted one
+    would, and every rank draws the same global-batch values and takes its slice.
+    """
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7 + stream) % (2**63 - 1))
+
+
 def _groups(cfg: Config) -> tuple[str, ...]:
     return tuple(cfg.prior.groups) if cfg.align.method != "vanilla" and cfg.prior.kind != "none" else ()
 
@@ -186,9 +195,9 @@ class ImageSource(BatchSource):
         batch = next(self._batches)
         images = batch["image"].to(self.device, non_blocking=True).float() / 127.5 - 1.0
         if self.cfg.data.hflip:  # flips drawn per global step, like every other random choice
-            g = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + self.step) % (2**63 - 1) ^ 0x5EED)
-            flip = torch.rand(self.cfg.train.global_batch, generator=g)[self.rank * self.per_rank :][: len(images)] < 0.5
-            images = torch.where(flip.to(self.device).view(-1, 1, 1, 1), images.flip(-1), images)
+            g = step_generator(self.cfg.train.seed, self.step, self.device, stream=1)
+            flip = torch.rand(self.cfg.train.global_batch, generator=g, device=self.device)[self.rank * self.per_rank :][: len(images)] < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         self.step += 1
         with torch.no_grad():
             out = self.prior(images)
