@@ -389,6 +389,9 @@ def run_demo(args: argparse.Namespace) -> int:
     write_json_atomic(out / "metrics.json", metrics, indent=2)
     print(f"demo finished in {metrics['total_seconds']:.0f} s: {out}/samples.png, {out}/metrics.json"
           + (f", {out}/router.png" if trainer.objective is not None else ""))
+    if metrics["stopped_early"]:
+        print(f"note: stopped by train.max_minutes={cfg.train.max_minutes} at step {metrics['steps']} of {cfg.train.steps} "
+              "(a busy machine); rerun the same command to continue from the checkpoint")
     return 0
 
 

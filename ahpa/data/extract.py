@@ -306,6 +306,9 @@ def extract_cache(
     plan = _plan(images, prior, resolution, dtype, flip_both, shard_size, order_seed)
     for sub in ("shards", "progress"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    if world == 1:  # plan and manifest have one writer only in a single-process run
+        remove_stale_temps(out / PLAN)
+        remove_stale_temps(out / MANIFEST)
     _load_plan(out, plan)
     if (out / MANIFEST).is_file():
         if progress:
@@ -314,8 +317,9 @@ def extract_cache(
     shards = shard_plan(len(images), shard_size, order_seed)
     pending = [k for k in range(len(shards)) if _done(out, k) is None]
     todo = [k for k in pending if k % world == rank]
-    for k in todo:  # partial shard files of a killed run
+    for k in todo:  # partial shard files and progress records of a killed run
         remove_stale_temps(out / "shards" / f"{k:06d}.safetensors")
+        remove_stale_temps(out / "progress" / f"{k:06d}.json")
 
     needed = sum(len(shards[k]) for k in pending) * plan["bytes_per_image"]
     free = shutil.disk_usage(out).free
