@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ahpa.errors import AhpaError
 from ahpa.evaluation.npz import save_npz_atomic, to_uint8
 from ahpa.io import atomic_open, write_json_atomic
+from ahpa.priors.base import denormalize_latent
 from ahpa.sampling import noise_for_indices, sample, sde_seeds
 
 PARTS_DIR = "parts"
@@ -50,10 +51,7 @@ def latents_to_vae(z: Tensor, meta: dict) -> Tensor:
     the VAE scaling factor (0.18215 for SD-VAE) and no shift.
     """
     scale = meta.get("latent_scale") or meta.get("scaling_factor") or 0.18215
-    shift = meta.get("latent_shift") or 0.0
-    scale, shift = (torch.as_tensor(v, dtype=z.dtype, device=z.device) for v in (scale, shift))
-    shape = (1, -1, 1, 1)
-    return z / (scale.view(shape) if scale.ndim else scale) + (shift.view(shape) if shift.ndim else shift)
+    return denormalize_latent(z, scale, meta.get("latent_shift") or 0.0)
 
 
 def written_indices(parts_dir: Path) -> set[int]:

@@ -17,6 +17,7 @@ batch.  Runs resume by themselves from ``OUT/checkpoints/latest``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -157,12 +158,7 @@ class Trainer:
         if self.source.num_classes > cfg.model.num_classes:
             raise AhpaError(f"the data has {self.source.num_classes} classes but model.num_classes={cfg.model.num_classes}; set model.num_classes={self.source.num_classes}")
         self.objective = build_objective(cfg, self.sit, self.source.group_shapes)
-        self.ema = build_sit(
-            cfg.model.name, input_size=latent_size, in_channels=latent_channels, num_classes=cfg.model.num_classes,
-            class_dropout=cfg.model.class_dropout, learn_sigma=cfg.model.learn_sigma,
-        )
-        self.ema.load_state_dict(self.sit.state_dict())
-        self.ema.requires_grad_(False).eval().to(self.device)
+        self.ema = copy.deepcopy(self.sit).requires_grad_(False).eval().to(self.device)
         self.transport = Transport(
             path=cfg.transport.path, time_sampling=cfg.transport.time_sampling,
             time_mean=cfg.transport.time_mean, time_std=cfg.transport.time_std,

@@ -109,3 +109,15 @@ def test_demo_writes_its_outputs(tmp_path):
     # the demo's default really is AHPA on the toy set, and --method vanilla switches alignment off
     assert demo_config(str(out), "ahpa", []).align.method == "ahpa"
     assert demo_config(str(out), "vanilla", []).align.method == "vanilla"
+
+
+def test_latent_normalisation_round_trip():
+    from ahpa.priors.base import denormalize_latent, normalize_latent
+
+    x = torch.randn(2, 4, 3, 3)
+    z = normalize_latent(x, 0.18215)
+    torch.testing.assert_close(z, x * 0.18215)
+    scale, shift = [1.0, 2.0, 0.5, 4.0], [0.1, -0.2, 0.3, 0.0]
+    z = normalize_latent(x, scale, shift)
+    torch.testing.assert_close(z[:, 1], (x[:, 1] + 0.2) * 2.0)  # channel 1 uses its own statistics
+    torch.testing.assert_close(denormalize_latent(z, scale, shift), x)

@@ -22,7 +22,7 @@ import torch
 from ahpa.config import Config
 from ahpa.data.sampler import ResumableSampler
 from ahpa.errors import AhpaError
-from ahpa.priors.base import PriorOutput
+from ahpa.priors.base import PriorOutput, denormalize_latent, normalize_latent
 
 
 def step_generator(seed: int, step: int, device="cpu", stream: int = 0) -> torch.Generator:
@@ -71,14 +71,8 @@ class BatchSource:
         return self.shift.tolist() if isinstance(self.shift, torch.Tensor) else None
 
     def sample_latent(self, batch: dict, eps: torch.Tensor) -> torch.Tensor:
-        """x0 = (mean + std * eps - shift) * scale, eps drawn by the trainer."""
-        x = batch["latent_mean"] + batch["latent_std"] * eps
-        shift, scale = self.shift, self.scale
-        if isinstance(shift, torch.Tensor):
-            shift = shift.to(x).view(1, -1, 1, 1)
-        if isinstance(scale, torch.Tensor):
-            scale = scale.to(x).view(1, -1, 1, 1)
-        return (x - shift) * scale
+        """x0 = normalize(mean + std * eps): the posterior sampled with the trainer's eps."""
+        return normalize_latent(batch["latent_mean"] + batch["latent_std"] * eps, self.scale, self.shift)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -87,12 +81,7 @@ class BatchSource:
             from ahpa.priors.vae import load_vae
 
             self.vae = load_vae(self.cfg.vae.path, device=self.device)
-        shift, scale = self.shift, self.scale
-        if isinstance(scale, torch.Tensor):
-            scale = scale.to(latents).view(1, -1, 1, 1)
-        if isinstance(shift, torch.Tensor):
-            shift = shift.to(latents).view(1, -1, 1, 1)
-        return self.vae.decode(latents / scale + shift).sample.clamp(-1, 1)
+        return self.vae.decode(denormalize_latent(latents, self.scale, self.shift)).sample.clamp(-1, 1)
 
     # -- index stream -----------------------------------------------------------
     def _sampler(self, n: int, shard_sizes=None) -> ResumableSampler:

@@ -5,7 +5,7 @@ output is the contract between the extractor (on the fly), the feature cache
 (on disk) and the alignment objective:
 
 - ``latent_mean``, ``latent_std``: the VAE posterior moments, ``[B, C, h, w]``,
-  unscaled (the scaling factor is applied when a latent is sampled).
+  unscaled (:func:`normalize_latent` is applied to the sampled latent).
 - ``features``: group name (``"G3"``, ``"G4"``, ...) to a tensor
   ``[B, L_k, C_k, H, W]``: the L_k selected layers of group k, resampled to the
   token grid ``H x W`` and NOT yet normalised (normalisation is applied by the
@@ -33,23 +33,21 @@ class PriorOutput:
         )
 
 
-def sample_latent(
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    scale: float | torch.Tensor = 0.18215,
-    shift: float | torch.Tensor = 0.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Draw x0 = (mean + std * eps - shift) * scale from the stored posterior.
+def _channelwise(v: float | list | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar, or a per-channel list/tensor shaped to broadcast over [B, C, H, W]."""
+    v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    return v.view(1, -1, 1, 1) if v.ndim else v
 
-    ``scale``/``shift`` are the SD-VAE scaling factor (0.18215, shift 0) by
-    default, or per-channel tensors ``[C]`` (iREPA's channel statistics, with
-    scale = 1/std_c and shift = mean_c).
+
+def normalize_latent(x: torch.Tensor, scale: float | list | torch.Tensor, shift: float | list | torch.Tensor = 0.0) -> torch.Tensor:
+    """VAE latent -> diffusion space: ``(x - shift) * scale``.
+
+    ``scale``/``shift`` are the SD-VAE scaling factor (0.18215) and 0, or
+    per-channel values (iREPA's channel statistics: scale = 1/std_c, shift = mean_c).
     """
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    x = mean + std * eps
-    if isinstance(shift, torch.Tensor):
-        shift = shift.to(x).view(1, -1, 1, 1)
-    if isinstance(scale, torch.Tensor):
-        scale = scale.to(x).view(1, -1, 1, 1)
-    return (x - shift) * scale
+    return (x - _channelwise(shift, x)) * _channelwise(scale, x)
+
+
+def denormalize_latent(z: torch.Tensor, scale: float | list | torch.Tensor, shift: float | list | torch.Tensor = 0.0) -> torch.Tensor:
+    """Diffusion space -> VAE latent: ``z / scale + shift`` (the inverse of :func:`normalize_latent`)."""
+    return z / _channelwise(scale, z) + _channelwise(shift, z)
