@@ -253,7 +253,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             preset = Path(__file__).resolve().parent.parent / "configs" / path.name
-            if preset.is_file():
+            if path.name == str(path) and preset.is_file():  # a bare name such as sit-b2-ahpa.yaml
                 path = preset
             else:
                 raise AhpaError(f"config file '{path}' does not exist; pass a YAML file such as configs/sit-b2-ahpa.yaml")
@@ -278,6 +278,11 @@ def validate(cfg: Config) -> None:
         raise AhpaError("config key 'train.global_batch' must be at least 1")
     if cfg.train.steps < 0:
         raise AhpaError("config key 'train.steps' must be non-negative")
+    for key in ("log_every", "keep_last"):
+        if getattr(cfg.train, key) < 1:
+            raise AhpaError(f"config key 'train.{key}' must be at least 1")
+    if cfg.sample.cfg_scale != 1.0 and cfg.model.class_dropout == 0:
+        raise AhpaError("sample.cfg_scale != 1 needs the null class that label dropout trains; set model.class_dropout > 0 (0.1) or sample.cfg_scale=1")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise AhpaError("config key 'train.ema_decay' must lie in [0, 1)")
     if not 0.0 <= cfg.sample.guidance_low <= cfg.sample.guidance_high <= 1.0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from datetime import timedelta
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,11 +152,10 @@ def generate_samples(model: nn.Module, meta: dict, decode_fn: Callable[[Tensor],
                         indices=np.asarray(indices, dtype=np.int64), labels=np.asarray(labels, dtype=np.int64))
         bar.update(len(indices))
     bar.close()
-    if barrier is not None:
-        barrier()
-    if rank != 0 or len(written_indices(parts_dir) & set(range(num))) < num:
-        return None
-    return assemble_samples(out_dir, num)
+    if barrier is None:  # ranks run one after another (tests): assemble once all parts exist
+        return assemble_samples(out_dir, num) if rank == 0 and len(written_indices(parts_dir) & set(range(num))) == num else None
+    barrier()  # every rank has finished: missing parts now mean a real problem (e.g. a node-local --out)
+    return assemble_samples(out_dir, num) if rank == 0 else None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -192,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.guidance_low <= args.guidance_high <= 1.0:
         raise AhpaError("--guidance-low and --guidance-high must satisfy 0 <= low <= high <= 1")
-    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: several CPU processes use gloo
+    # cpu=True: several CPU processes use gloo; a long timeout: on resume one rank may wait long at the barrier
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=6))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     model, meta = load_model_for_sampling(args.ckpt, model_name=args.model, num_classes=args.num_classes)
     if args.cfg_scale != 1.0 and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:

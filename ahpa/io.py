@@ -133,10 +133,14 @@ def remove_stale_temps(path: str | os.PathLike) -> None:
             stale.unlink(missing_ok=True)
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes, read in ``chunk``-byte blocks."""
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
+    """Hex digest of a file's bytes, read in ``chunk``-byte blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    return file_digest(path, "sha256")

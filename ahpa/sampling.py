@@ -84,13 +84,17 @@ class SiTTimeConvention(nn.Module):
 
 
 def guided_velocity(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float = 1.0,
-                    guidance_interval: tuple[float, float] = (0.0, 1.0), dtype: torch.dtype = torch.float32) -> Tensor:
+                    guidance_interval: tuple[float, float] = (0.0, 1.0), dtype: torch.dtype = torch.float32,
+                    guide_t: Tensor | None = None) -> Tensor:
     """The (guided) velocity at state ``x`` and per-sample times ``t`` ``[B]``, in float64.
 
-    Samples with t in [t_low, t_high] get ``u + cfg_scale (c - u)``, the others ``c``.
+    Samples whose ``guide_t`` (default ``t``) lies in [t_low, t_high] get
+    ``u + cfg_scale (c - u)``, the others ``c``.  Heun passes the step's start time
+    for both of its evaluations, as REPA's sampler decides guidance once per step.
     """
     low, high = guidance_interval
-    inside = (t >= low) & (t <= high)
+    guide_t = t if guide_t is None else guide_t
+    inside = (guide_t >= low) & (guide_t <= high)
     if cfg_scale == 1.0 or not bool(inside.any()):
         return model(x.to(dtype), t.to(dtype), y).to(torch.float64)
     null = torch.full_like(y, model.num_classes)
@@ -160,8 +164,8 @@ def sample(model: nn.Module, y: Tensor, noise: Tensor, *, mode: str = "ode", met
         raise AhpaError(f"got {len(seeds)} SDE seeds for {noise.shape[0]} samples; pass one seed per sample")
     dtype, device, batch = noise.dtype, noise.device, noise.shape[0]
 
-    def velocity(x: Tensor, t: Tensor) -> Tensor:
-        return guided_velocity(model, x, t, y, cfg_scale, guidance_interval, dtype)
+    def velocity(x: Tensor, t: Tensor, guide_t: Tensor | None = None) -> Tensor:
+        return guided_velocity(model, x, t, y, cfg_scale, guidance_interval, dtype, guide_t)
 
     def times(t: Tensor) -> Tensor:  # a grid point for every sample
         return t.expand(batch).to(device)
@@ -174,7 +178,7 @@ def sample(model: nn.Module, y: Tensor, noise: Tensor, *, mode: str = "ode", met
             d_cur = velocity(x, times(t_cur))
             x_next = x + (t_next - t_cur).item() * d_cur
             if method == "heun" and i < steps - 1:
-                d_next = velocity(x_next, times(t_next))
+                d_next = velocity(x_next, times(t_next), guide_t=times(t_cur))
                 x_next = x + (t_next - t_cur).item() * 0.5 * (d_cur + d_next)
             x = x_next
         return x.to(dtype)

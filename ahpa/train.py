@@ -34,8 +34,10 @@ from ahpa.io import atomic_open, write_json_atomic
 from ahpa.models.sit import SiT, build_sit
 from ahpa.transport import Transport
 
-# Sections that define what a checkpoint holds; changing them between a run and its resume is refused.
-ARCHITECTURE_SECTIONS = ("model", "prior", "align", "vae")
+# What a resumed run must share with the run it continues: the architecture and objective
+# (whole sections) and what fixes the data stream and the random draws (single keys).
+RESUME_SECTIONS = ("model", "prior", "align", "vae", "transport")
+RESUME_KEYS = ("data.source", "data.path", "data.resolution", "train.global_batch", "train.seed")
 
 
 class TrainingModule(torch.nn.Module):
@@ -103,13 +105,15 @@ def _check_resume_config(out: Path, cfg: Config) -> None:
         return
     before = yaml.safe_load(saved.read_text()) or {}
     now = to_dict(cfg)
-    for section in ARCHITECTURE_SECTIONS:
-        for key, value in now[section].items():
-            if before.get(section, {}).get(key, value) != value:
-                raise AhpaError(
-                    f"{out} holds a run with {section}.{key}={before[section][key]!r}, but this command asks for {value!r}. "
-                    f"Resume with the same settings (see {saved}) or choose a new --out directory."
-                )
+    keys = [f"{section}.{key}" for section in RESUME_SECTIONS for key in now[section]] + list(RESUME_KEYS)
+    for dotted in keys:
+        section, key = dotted.split(".")
+        value = now[section][key]
+        if before.get(section, {}).get(key, value) != value:
+            raise AhpaError(
+                f"{out} holds a run with {dotted}={before[section][key]!r}, but this command asks for {value!r}. "
+                f"Resume with the same settings (see {saved}) or choose a new --out directory."
+            )
 
 
 def _save_grid(images: torch.Tensor, nrow: int, path: Path) -> None:
@@ -141,11 +145,14 @@ class Trainer:
         if torch.cuda.is_available() and cfg.train.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if resume and acc.is_main_process:
+        if resume:  # every rank reads the file: a refusal on rank 0 alone would leave the others waiting
             _check_resume_config(self.out, cfg)
+        elif latest_checkpoint(self.out) is not None:
+            raise AhpaError(f"{self.out} already holds checkpoints of a run; without resuming they would be mixed with the new "
+                            "run's (and pruned by step number): choose a new --out directory or remove its checkpoints/")
 
-        torch.manual_seed(cfg.train.seed)  # model initialisation is identical on every rank
         self.source = build_source(cfg, device=self.device, rank=self.rank, world=self.world, per_rank=self.per_rank)
+        torch.manual_seed(cfg.train.seed)  # model initialisation is identical on every rank and for every source
         latent_channels, latent_size = self.source.latent_shape[0], self.source.latent_shape[1]
         self.sit = build_sit(
             cfg.model.name,
@@ -295,13 +302,14 @@ class Trainer:
                 self.save_sample_grid(self.out / "samples" / f"{self.step:07d}.png")
             if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
                 self.save()
-            if time.perf_counter() - t_start > limit:
+            if self._out_of_time(time.perf_counter() - t_start > limit):
                 stopped_early = True
                 break
         bar.close()
         if running:
             self._log(running, writer, bar, time.perf_counter() - t_start)
-        ckpt = self.save()
+        saved = latest_checkpoint(self.out)
+        ckpt = saved if saved is not None and saved.name == f"{self.step:07d}" else self.save()
         if acc.is_main_process:
             self.save_sample_grid(self.out / "samples.png")
             writer.close()
@@ -312,6 +320,15 @@ class Trainer:
             "steps": self.step, "stopped_early": stopped_early, "train_seconds": elapsed,
             "checkpoint": str(ckpt) if ckpt else None, "history": self.history,
         }
+
+    def _out_of_time(self, local: bool) -> bool:
+        """One stop decision for all ranks (their clocks differ: rank 0 also writes grids and checkpoints)."""
+        if self.world == 1:
+            return local
+        if self.step % self.cfg.train.log_every:  # agree at log steps only: no extra sync per step
+            return False
+        flag = torch.tensor(float(local), device=self.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def _log(self, running: list, writer, bar, elapsed: float) -> None:
         mean = torch.stack(running).mean(0)

@@ -74,3 +74,13 @@ def test_paper_presets_follow_the_recipe():
         assert ahpa.align.method == "ahpa" and ahpa.prior.groups == ["G3", "G4"] and ahpa.align.head == "conv3"
         assert vanilla.align.method == "vanilla"
     assert Config().vae.scaling_factor == 0.0  # read from the VAE (0.18215 for SD-VAE)
+
+
+def test_guidance_needs_label_dropout_and_presets_resolve_by_bare_name_only(tmp_path):
+    with pytest.raises(AhpaError, match="needs the null class"):
+        load_config(None, ["data.source=toy", "model.class_dropout=0", "sample.cfg_scale=1.5"])
+    with pytest.raises(AhpaError, match="'train.keep_last' must be at least 1"):
+        load_config(None, ["data.source=toy", "train.keep_last=0"])
+    assert load_config("toy.yaml").model.name == "SiT-T/2"  # a bare name finds the preset
+    with pytest.raises(AhpaError, match="does not exist"):  # a mistyped path does not silently load it
+        load_config(tmp_path / "typo" / "toy.yaml")

@@ -25,7 +25,7 @@ from ahpa.sampling import (
     sde_seeds,
     sde_time_grid,
 )
-from ahpa.transport import Transport, path_coefficients
+from ahpa.transport import Transport, expand_like, path_coefficients
 
 D = 4
 MU = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
@@ -326,3 +326,23 @@ def test_samples_depend_only_on_seed_and_index():
 def test_bad_options_raise_ahpa_error(kwargs):
     with pytest.raises(AhpaError):
         sample(GaussianVelocity(MU, SIGMA), torch.zeros(1, dtype=torch.long), torch.randn(1, D, 1, 1), **kwargs)
+
+
+def test_heun_decides_guidance_once_per_step_at_its_start():
+    """REPA's Heun guides both evaluations of a step iff the step's start time is in the interval."""
+
+    class Constant(nn.Module):  # velocity c for real labels, u for the null class
+        num_classes = 3
+
+        def forward(self, x, t, y):
+            c = torch.where(y == self.num_classes, -1.0, 2.0)
+            return expand_like(c.to(x.dtype), x).expand_as(x)
+
+    noise = torch.zeros(2, 1, 2, 2)
+    y = torch.tensor([0, 1])
+    out = sample(Constant(), y, noise, mode="ode", method="heun", steps=2, cfg_scale=3.0, guidance_interval=(0.0, 0.6))
+    c, u, s = 2.0, -1.0, 3.0
+    guided = u + s * (c - u)
+    # step 1 -> 0.5 starts outside [0, 0.6]: both evaluations unguided; step 0.5 -> 0 (last, Euler) is guided
+    expected = -0.5 * c - 0.5 * guided
+    torch.testing.assert_close(out, torch.full_like(out, expected))

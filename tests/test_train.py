@@ -156,3 +156,11 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path):
     with pytest.raises(AhpaError, match="pip install wandb"):
         Trainer(toy_cfg(tmp_path, "train.steps=1", "train.wandb=true"), show_progress=False).run()
     assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing written
+
+
+def test_no_resume_refuses_a_directory_with_checkpoints(tmp_path):
+    Trainer(toy_cfg(tmp_path, "train.steps=1"), show_progress=False).run()
+    with pytest.raises(AhpaError, match="already holds checkpoints"):
+        Trainer(toy_cfg(tmp_path, "train.steps=2"), show_progress=False, resume=False)
+    with pytest.raises(AhpaError, match="train.global_batch"):  # the data stream would silently shift
+        Trainer(toy_cfg(tmp_path, "train.steps=2", "train.global_batch=16"), show_progress=False)

@@ -79,8 +79,23 @@ def test_training_runs_from_each_source(source, cache, image_folder, tmp_path):
 def test_training_refuses_a_cache_of_another_prior(cache, tmp_path):
     with pytest.raises(AhpaError, match="'resample' differs"):
         Trainer(cfg_for(tmp_path, "data.source=cache", f"data.path={cache}", "prior.resample=bilinear"), show_progress=False)
-    with pytest.raises(AhpaError, match="'groups' differs"):
-        Trainer(cfg_for(tmp_path, "data.source=cache", f"data.path={cache}", "prior.groups=G4"), show_progress=False)
+    with pytest.raises(AhpaError, match=r"holds groups \['G3', 'G4'\], not \['G2', 'G4'\]"):
+        Trainer(cfg_for(tmp_path, "data.source=cache", f"data.path={cache}", "prior.groups=G2,G4"), show_progress=False)
+    other = load_vae("tiny")
+    with torch.no_grad():
+        other.encoder.conv_in.weight.add_(0.01)
+    other.save_pretrained(tmp_path / "other_vae")
+    with pytest.raises(AhpaError, match="'encoder_hash' differs"):  # vanilla needs the same encoder, nothing more
+        Trainer(cfg_for(tmp_path, "data.source=cache", f"data.path={cache}", "align.method=vanilla",
+                        f"vae.path={tmp_path / 'other_vae'}"), show_progress=False)
+
+
+def test_a_subset_of_the_cached_groups_and_vanilla_train_from_the_cache(cache, tmp_path):
+    single = Trainer(cfg_for(tmp_path / "g4", "data.source=cache", f"data.path={cache}", "prior.groups=G4", "train.steps=1"), show_progress=False)
+    assert set(single.source.group_shapes) == {"G4"} and set(single.source.next_batch()["features"]) == {"G4"}
+    vanilla = Trainer(cfg_for(tmp_path / "v", "data.source=cache", f"data.path={cache}", "align.method=vanilla",
+                              "prior.resample=bilinear", "train.steps=1"), show_progress=False)  # features unused: no refusal
+    assert "features" not in vanilla.source.next_batch()
 
 
 def test_channel_stats_normalisation_comes_from_the_cache(cache, tmp_path):

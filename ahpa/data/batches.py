@@ -204,13 +204,12 @@ class CacheSource(BatchSource):
 
         # float16 reads keep the loader ahead of the step (float32 output capped it); cast on the device
         self.dataset = CacheDataset(cfg.data.path, flip=None if cfg.data.hflip else False, dtype=torch.float16,
-                                    groups=None if _groups(cfg) else ())
+                                    groups=list(_groups(cfg)))
         manifest = self.dataset.manifest
         self.vae = load_vae(cfg.vae.path, device=self.device)  # decodes sample grids; its hash must match the cache
-        groups = _groups(cfg) or tuple(manifest["prior"]["groups"])  # vanilla: only the encoder must match
         grid = manifest["latent_shape"][-1] // _patch_size(cfg.model.name)
-        prior = HierarchicalVAEPrior(self.vae, groups=groups, grid=grid, grouping=cfg.prior.grouping, split=cfg.prior.split, resample=cfg.prior.resample)
-        check_compatible(manifest, prior.describe(), cfg.data.resolution)
+        prior = HierarchicalVAEPrior(self.vae, groups=_groups(cfg), grid=grid, grouping=cfg.prior.grouping, split=cfg.prior.split, resample=cfg.prior.resample)
+        check_compatible(manifest, prior.describe(), cfg.data.resolution, features=bool(_groups(cfg)))  # vanilla: encoder only
         if cfg.vae.latent_norm == "channel_stats":
             stats = self.dataset.latent_stats
             self.shift = torch.tensor(stats["mean"], dtype=torch.float32)

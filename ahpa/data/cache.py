@@ -170,8 +170,13 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def check_compatible(manifest: dict, prior_describe: dict, resolution: int) -> None:
-    """AhpaError naming the first field where the cache differs from the requested prior."""
+def check_compatible(manifest: dict, prior_describe: dict, resolution: int, features: bool = True) -> None:
+    """AhpaError naming the first field where the cache differs from the requested prior.
+
+    The run may use a subset of the cached groups (the single-group ablations read G4
+    from a G3+G4 cache).  ``features=False`` (vanilla SiT: latents only) checks just the
+    encoder and the resolution.
+    """
     requested = json.loads(json.dumps(prior_describe))  # tuples -> lists, as stored
     stored = manifest.get("prior", {})
     if manifest.get("resolution") != resolution:
@@ -179,10 +184,18 @@ def check_compatible(manifest: dict, prior_describe: dict, resolution: int) -> N
             f"feature cache field 'resolution' differs: cache has {manifest.get('resolution')}, the run needs {resolution}; "
             "extract a cache at this resolution or change data.resolution"
         )
-    for key in dict.fromkeys([*PRIOR_FIELDS, *stored, *requested]):
-        if stored.get(key) != requested.get(key):
+    keys = list(dict.fromkeys([*PRIOR_FIELDS, *stored, *requested])) if features else ["encoder_hash"]
+    for key in keys:
+        have, want = stored.get(key), requested.get(key)
+        if key == "groups":
+            same = set(want or []) <= set(have or [])
+        elif key in ("layers", "channels"):  # per group: only the requested groups must match
+            same = all((have or {}).get(g) == v for g, v in (want or {}).items())
+        else:
+            same = have == want
+        if not same:
             raise AhpaError(
-                f"feature cache field '{key}' differs: cache has {stored.get(key)!r}, the run needs {requested.get(key)!r}; "
+                f"feature cache field '{key}' differs: cache has {have!r}, the run needs {want!r}; "
                 "re-extract the cache with this prior or change the prior settings to match it"
             )
 

