@@ -179,6 +179,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="default: from the checkpoint")
     p.add_argument("--vae", default=None,
                    help="VAE (diffusers dir, cached HF repo id or 'tiny'); default: the checkpoint's")
+    p.add_argument("--time-convention", choices=("auto", "repa", "sit"), default="auto",
+                   help="auto: ours/REPA files are 'repa' (t=0 data), other .pt files 'sit' (t=0 noise); override when a file is mislabelled")
     p.add_argument("--png", action="store_true", help="also write png/{index:06d}.png")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
     p.set_defaults(func=run)
@@ -200,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
         raise AhpaError(f"{args.ckpt} was trained without a null class, so it cannot use guidance; use --cfg-scale 1")
     model = model.to(state.device).eval()
     meta = dict(meta, vae=args.vae or meta.get("vae") or "stabilityai/sd-vae-ft-ema")  # recorded in sampling.json
+    if args.time_convention != "auto":
+        meta["time_convention"] = args.time_convention
     vae = load_vae(meta["vae"], device=state.device)
     sampler_kwargs = dict(mode=args.mode, method=args.method, steps=args.steps, cfg_scale=args.cfg_scale,
                           guidance_interval=(args.guidance_low, args.guidance_high),
