@@ -159,3 +159,29 @@ def test_cli_samples_from_a_checkpoint(model, tmp_path, monkeypatch):
                                 dict(mode="ode", method="heun", steps=3, cfg_scale=1.0, guidance_interval=(0.0, 1.0),
                                      path="linear"), seed=1)
     np.testing.assert_array_equal(arr, load(expected)[0])
+
+
+def test_assembly_memory_does_not_grow_with_the_number_of_samples(tmp_path):
+    """Images are gathered in a memory map and streamed into the archive: peak memory ~ one part file."""
+    import tracemalloc
+
+    from ahpa.generate import assemble_samples
+
+    n, per = 1600, 100  # 79 MB of images: well above numpy's 16 MiB write buffer
+    rng = np.random.default_rng(0)
+    (tmp_path / "parts").mkdir()
+    for s in range(0, n, per):
+        idx = np.arange(s, s + per)
+        np.savez(tmp_path / "parts" / f"part_{s:08d}_{per}.npz", arr_0=rng.integers(0, 255, (per, 128, 128, 3), dtype=np.uint8),
+                 indices=idx, labels=idx % 10)
+    tracemalloc.start()
+    try:
+        path = assemble_samples(tmp_path, n)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    total = n * 128 * 128 * 3
+    assert peak < total / 3, (peak, total)  # holding all images would need >= total
+    with np.load(path) as data:
+        assert data["arr_0"].shape == (n, 128, 128, 3) and (data["arr_1"] == np.arange(n) % 10).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts", f"samples_{n}.npz"]  # no gather file left
