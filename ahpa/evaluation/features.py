@@ -23,6 +23,8 @@ from ahpa.evaluation.npz import NpzImages
 from ahpa.io import atomic_dir
 
 FEATURE_DIMS = {"pool": 2048, "spatial": 2023, "logits": 1008}
+# Bump when what a feature means changes (layer, flatten order, resize): old cache entries are then ignored.
+FEATURES_VERSION = 1
 
 
 def default_cache_dir() -> Path:
@@ -65,7 +67,7 @@ def cached_features(
 ) -> dict[str, np.ndarray]:
     """Features of ``images`` (read-only memory maps), computed once per file content and weights."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entry = cache_dir / f"{images_sha256(images)[:24]}-{extractor.weights_id}"
+    entry = cache_dir / f"{images_sha256(images)[:24]}-{extractor.weights_id}-v{FEATURES_VERSION}"
     if not (entry / "meta.json").is_file():
         try:
             with atomic_dir(entry) as tmp:
