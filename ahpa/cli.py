@@ -12,7 +12,7 @@ import sys
 from ahpa import __version__
 from ahpa.errors import AhpaError
 
-# (module, one-line help); each module defines register(subparsers).
+# Each module defines register(subparsers) for the subcommands named beside it.
 COMMANDS = [
     "ahpa.train",  # train, demo
     "ahpa.generate",  # sample
@@ -27,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ahpa {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:
-                continue  # a subcommand not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

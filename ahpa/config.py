@@ -25,6 +25,9 @@ from typing import Any
 import yaml
 
 from ahpa.errors import AhpaError
+
+# The YAML presets (configs/ at the repository root; the README installs the project editable).
+PRESETS = Path(__file__).resolve().parent.parent / "configs"
 from ahpa.io import write_text_atomic
 
 
@@ -252,7 +255,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            preset = Path(__file__).resolve().parent.parent / "configs" / path.name
+            preset = PRESETS / path.name
             if path.name == str(path) and preset.is_file():  # a bare name such as sit-b2-ahpa.yaml
                 path = preset
             else:

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from ahpa.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-from ahpa.config import Config, load_config, save_config, to_dict
+from ahpa.config import PRESETS, Config, load_config, save_config, to_dict
 from ahpa.data.batches import build_source, step_generator
 from ahpa.errors import AhpaError
 from ahpa.io import atomic_open, write_json_atomic
@@ -234,7 +234,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return None
-        state = {"step": self.step, "data_position": self.step, "history": self.history}
+        state = {"step": self.step, "history": self.history}  # the data position is a function of the step
         ckpt = save_checkpoint(
             self.out, self.step, model=self.sit, ema=self.ema, objective=self.objective, optimizer=self.optimizer,
             rng_states=rng, state=state, meta=self.meta, config_yaml=yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
@@ -374,8 +374,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def demo_config(out: str, method: str, overrides: list[str]) -> Config:
-    preset = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
-    cfg = load_config(preset, overrides)
+    cfg = load_config(PRESETS / "toy.yaml", overrides)
     cfg.train.out = out
     if method == "vanilla":
         cfg.align.method = "vanilla"

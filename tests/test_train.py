@@ -115,7 +115,7 @@ def test_resume_with_other_architecture_is_refused(tmp_path):
         Trainer(toy_cfg(tmp_path, "train.steps=2", "align.router=lut"), show_progress=False)
 
 
-def test_batch_must_split_over_processes(tmp_path):
+def test_batch_larger_than_the_dataset_is_refused(tmp_path):
     with pytest.raises(AhpaError, match="fewer than train.global_batch"):
         Trainer(toy_cfg(tmp_path, "train.global_batch=100000", "train.steps=1"), show_progress=False)
 
