@@ -70,12 +70,23 @@ class PriorConfig:
     split: str = "4/4"  # SD-VAE 512-channel layers: 4/4 | 2/6 | 6/2
     grouping: str = "auto"  # auto | sd_vae | resolution
     resample: str = "area"  # area (adaptive average pooling) | bilinear
-    normalize: str = "token"  # token | none | spatial
+    normalize: str = "token"  # token | none | spatial | irepa (iREPA's (f - alpha mean_T) / (std_T + 1e-6))
+    normalize_alpha: float = 0.6  # iREPA's alpha for normalize=irepa (its code default; its README writes 1)
+    latent_target: str = "patchify"  # SRA2 group "latent": patchify (p x p -> C p^2 channels) | pool (average)
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen DINOv2 teacher of REPA (group ``dinov2`` in prior.groups; ahpa/priors/dinov2.py)."""
+
+    model: str = "dinov2_vitb14"  # dinov2_vit{s,b,l,g}14[_reg] (REPA: dinov2_vitb14)
+    weights: str = ""  # "": the torch-hub / Hugging Face cache; a local .pth/.safetensors file; "random" (tests, toy)
+    input_size: int = 0  # 0: 14 x the token grid (REPA: 224 at 256 px, 448 at 512 px)
 
 
 @dataclass
 class AlignConfig:
-    method: str = "ahpa"  # ahpa | vanilla
+    method: str = "ahpa"  # ahpa | repa | sra2 (labels of the same alignment objective) | vanilla
     router: str = "dynamic"  # dynamic | uniform | linear | lut | attention | content
     time_encoding: str = "linear"  # linear | sinusoidal | fourier
     time_dim: int = 128
@@ -83,7 +94,7 @@ class AlignConfig:
     router_depth: int = 4  # 3 | 4 | 8
     lut_bins: int = 10
     prototypes: int = 8
-    head: str = "conv3"  # conv3 | linear | mlp3 | mlp5 | convblock2 | convblock3 | convblock5
+    head: str = "conv3"  # conv3 | linear | mlp3 | mlp5 | convblock2 | convblock3 | convblock5 | sra_mlp
     loss: str = "cosine"  # cosine | l1 | smooth_l1
     weight: float = 1.0  # lambda
     depths: list[int] = field(default_factory=list)  # empty: 25% of the backbone depth
@@ -110,6 +121,7 @@ class TrainConfig:
     wandb: bool = False
     max_minutes: float = 0.0  # 0: no wall-clock limit; else save and stop (rerun resumes)
     grid_steps: int = 50  # ODE steps for the periodic EMA sample grids
+    init_from: str = ""  # a published REPA .pt (model, ema, opt, projectors) to continue training from
 
 
 @dataclass
@@ -129,6 +141,7 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -143,11 +156,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prior.split": ("4/4", "2/6", "6/2"),
     "prior.grouping": ("auto", "sd_vae", "resolution"),
     "prior.resample": ("area", "bilinear"),
-    "prior.normalize": ("token", "none", "spatial"),
-    "align.method": ("ahpa", "vanilla"),
+    "prior.normalize": ("token", "none", "spatial", "irepa"),
+    "prior.latent_target": ("patchify", "pool"),
+    "teacher.model": tuple(f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")),
+    "align.method": ("ahpa", "repa", "sra2", "vanilla"),
     "align.router": ("dynamic", "uniform", "linear", "lut", "attention", "content"),
     "align.time_encoding": ("linear", "sinusoidal", "fourier"),
-    "align.head": ("conv3", "linear", "mlp3", "mlp5", "convblock2", "convblock3", "convblock5"),
+    "align.head": ("conv3", "linear", "mlp3", "mlp5", "convblock2", "convblock3", "convblock5", "sra_mlp"),
     "align.loss": ("cosine", "l1", "smooth_l1"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "sample.mode": ("ode", "sde"),
@@ -260,15 +275,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 path = preset
             else:
                 raise AhpaError(f"config file '{path}' does not exist; pass a YAML file such as configs/sit-b2-ahpa.yaml")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise AhpaError(f"config file '{path}' is not valid YAML: {err}") from None
-        merge_dict(cfg, data, source=str(path))
+        for source, data in _yaml_chain(path):  # the bases first: a file wins over the file it inherits
+            merge_dict(cfg, data, source=str(source))
     for key, value in parse_overrides(overrides or []):
         set_key(cfg, key, value)
     validate(cfg)
     return cfg
+
+
+BASE_KEY = "base"  # top-level YAML key: the file this one inherits from (relative to this file)
+
+
+def _yaml_chain(path: Path) -> list[tuple[Path, dict]]:
+    """``[(file, sections)]`` from the root base down to ``path``, following ``base:`` keys.
+
+    A row of a paper table then differs from its base by its own keys only; a cycle is refused.
+    """
+    chain: list[tuple[Path, dict]] = []
+    seen: list[Path] = []
+    while path is not None:
+        path = path.resolve()
+        if path in seen:
+            cycle = " -> ".join(p.name for p in [*seen, path])
+            raise AhpaError(f"config inheritance cycle: {cycle}; remove one of the 'base:' keys")
+        seen.append(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise AhpaError(f"config file '{path}' is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise AhpaError(f"{path}: expected a mapping of sections (model:, train:, ...), got {type(data).__name__}")
+        data = dict(data)
+        base = data.pop(BASE_KEY, None)
+        chain.append((path, data))
+        if base is None:
+            break
+        if not isinstance(base, str) or not base:
+            raise AhpaError(f"{path}: 'base' must name a YAML file (relative to this file), got {base!r}")
+        parent = path.parent / base
+        if not parent.is_file():
+            raise AhpaError(f"{path}: its base '{base}' does not exist (looked for {parent})")
+        path = parent
+    return chain[::-1]
+
+
+# Target groups and the prior each comes from (prior.groups).
+VAE_GROUPS = ("G1", "G2", "G3", "G4")  # hierarchical VAE prior (ahpa/priors/hierarchy.py)
+TEACHER_GROUP = "dinov2"  # DINOv2 teacher, REPA (ahpa/priors/dinov2.py)
+LATENT_GROUP = "latent"  # VAE posterior mean, SRA2-style (ahpa/priors/latent.py)
+METHOD_GROUP = {"repa": TEACHER_GROUP, "sra2": LATENT_GROUP}
 
 
 def validate(cfg: Config) -> None:
@@ -292,6 +347,19 @@ def validate(cfg: Config) -> None:
         raise AhpaError("sample.guidance_low and sample.guidance_high must satisfy 0 <= low <= high <= 1")
     if cfg.data.source in ("images", "cache") and not cfg.data.path:
         raise AhpaError(f"data.source is '{cfg.data.source}' but data.path is empty; set data.path=/path/to/{'imagenet/train' if cfg.data.source == 'images' else 'cache'}")
+    known = (*VAE_GROUPS, TEACHER_GROUP, LATENT_GROUP)
+    bad = [g for g in cfg.prior.groups if g not in known]
+    if bad:
+        raise AhpaError(f"prior.groups has unknown group {bad[0]!r}; choose from: {', '.join(known)}")
+    if len(set(cfg.prior.groups)) != len(cfg.prior.groups):
+        raise AhpaError(f"prior.groups {cfg.prior.groups} names a group twice")
+    need = METHOD_GROUP.get(cfg.align.method)
+    if need and need not in cfg.prior.groups:
+        raise AhpaError(f"align.method={cfg.align.method} aligns to the '{need}' group, but prior.groups is {cfg.prior.groups}; set prior.groups=[{need}]")
+    if cfg.align.method != "vanilla" and cfg.prior.kind == "none":
+        raise AhpaError(f"align.method={cfg.align.method} needs a prior; set prior.kind=vae_hierarchy (or align.method=vanilla)")
+    if cfg.teacher.input_size and (cfg.teacher.input_size < 0 or cfg.teacher.input_size % 14):
+        raise AhpaError(f"teacher.input_size={cfg.teacher.input_size} must be a multiple of the DINOv2 patch size 14 (or 0: 14 x the token grid)")
     if any(d < 1 for d in cfg.align.depths):
         raise AhpaError("align.depths are 1-indexed block numbers (>= 1)")
 

@@ -36,7 +36,7 @@ from ahpa.transport import Transport
 
 # What a resumed run must share with the run it continues: the architecture and objective
 # (whole sections) and what fixes the data stream and the random draws (single keys).
-RESUME_SECTIONS = ("model", "prior", "align", "vae", "transport")
+RESUME_SECTIONS = ("model", "prior", "teacher", "align", "vae", "transport")
 RESUME_KEYS = ("data.source", "data.path", "data.resolution", "train.global_batch", "train.seed")
 
 
@@ -96,6 +96,7 @@ def build_objective(cfg: Config, sit: SiT, group_shapes: dict[str, tuple[int, in
         loss=cfg.align.loss,
         weight=cfg.align.weight,
         normalize=cfg.prior.normalize,
+        normalize_alpha=cfg.prior.normalize_alpha,
     )
 
 

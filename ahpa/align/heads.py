@@ -13,7 +13,7 @@ from torch import nn
 
 from ahpa.errors import AhpaError
 
-HEAD_KINDS = ("conv3", "linear", "mlp3", "mlp5", "convblock2", "convblock3", "convblock5")
+HEAD_KINDS = ("conv3", "linear", "mlp3", "mlp5", "convblock2", "convblock3", "convblock5", "sra_mlp")
 MLP_HIDDEN = 2048  # REPA's projector width (build_mlp, projector_dim=2048)
 GROUPNORM_GROUPS = 32
 
@@ -52,4 +52,6 @@ def build_head(kind: str, in_dim: int, out_dim: int) -> nn.Module:
         return _token_mlp(in_dim, out_dim, int(kind[-1]))
     if kind in ("convblock2", "convblock3", "convblock5"):
         return _conv_block(in_dim, out_dim, int(kind[-1]))
+    if kind == "sra_mlp":  # the SRA authors' head (SiT-SRA/models/sit.py L18-27): Linear(in, in+out), SiLU, Linear(in+out, out)
+        return nn.Sequential(nn.Conv2d(in_dim, in_dim + out_dim, 1), nn.SiLU(), nn.Conv2d(in_dim + out_dim, out_dim, 1))
     raise AhpaError(f"unknown projection head '{kind}'; choose one of: {', '.join(HEAD_KINDS)}")

@@ -44,12 +44,14 @@ class AlignmentObjective(nn.Module):
         loss: ``"cosine"`` | ``"l1"`` | ``"smooth_l1"``.
         weight: lambda.
         normalize: per-layer feature normalisation (``prior.normalize``).
+        normalize_alpha: iREPA's alpha for ``normalize="irepa"`` (``prior.normalize_alpha``).
     """
 
     def __init__(self, hidden_size: int, grid: int, group_shapes: dict[str, tuple[int, int]], depths: Sequence[int],
                  router: str = "dynamic", head: str = "conv3", loss: str = "cosine", weight: float = 1.0,
                  normalize: str = "token", time_encoding: str = "linear", time_dim: int = 128,
-                 router_hidden: int = 256, router_depth: int = 4, lut_bins: int = 10, prototypes: int = 8):
+                 router_hidden: int = 256, router_depth: int = 4, lut_bins: int = 10, prototypes: int = 8,
+                 normalize_alpha: float = 0.6):
         super().__init__()
         if not depths or any(d < 1 for d in depths):
             raise AhpaError(f"alignment depths must be 1-indexed block numbers, got {list(depths)}")
@@ -62,6 +64,7 @@ class AlignmentObjective(nn.Module):
         self.groups = list(self.group_shapes)
         self.depths = [int(d) for d in depths]
         self.loss_kind, self.weight, self.normalize = loss, float(weight), normalize
+        self.normalize_alpha = float(normalize_alpha)  # normalize="irepa" only
         self.router = build_router(
             router, {g: L for g, (L, _) in self.group_shapes.items()}, time_encoding=time_encoding,
             time_dim=time_dim, hidden=router_hidden, depth=router_depth, lut_bins=lut_bins,
@@ -83,7 +86,7 @@ class AlignmentObjective(nn.Module):
             if f.dim() != 5 or tuple(f.shape[1:]) != (L, C, self.grid, self.grid):
                 raise AhpaError(f"prior features of group '{g}' have shape {tuple(f.shape)}, expected [B, {L}, {C}, {self.grid}, {self.grid}]; "
                                 "the cache or prior does not match this model's token grid or prior.split")
-            mix = torch.einsum("bl,blchw->bchw", intra[g], normalize_features(f, self.normalize))
+            mix = torch.einsum("bl,blchw->bchw", intra[g], normalize_features(f, self.normalize, alpha=self.normalize_alpha))
             parts.append(gamma[:, k, None, None, None] * mix)
         return torch.cat(parts, dim=1), gamma
 

@@ -38,6 +38,13 @@ def _groups(cfg: Config) -> tuple[str, ...]:
     return tuple(cfg.prior.groups) if cfg.align.method != "vanilla" and cfg.prior.kind != "none" else ()
 
 
+def _vae_groups(cfg: Config) -> tuple[str, ...]:
+    """The groups of the hierarchical VAE prior (G1..G4); "dinov2" and "latent" come from their own priors."""
+    from ahpa.config import VAE_GROUPS
+
+    return tuple(g for g in _groups(cfg) if g in VAE_GROUPS)
+
+
 class BatchSource:
     """Common part: VAE for decoding, latent normalisation, the index stream."""
 
@@ -50,6 +57,8 @@ class BatchSource:
         self.scale: torch.Tensor | float = 1.0
         self.shift: torch.Tensor | float = 0.0
         self._iter = None
+        self.teacher = None  # DINOv2 teacher on the fly (group "dinov2"), see _setup_targets
+        self.latent_expected = None  # (1, C') of the SRA2 group "latent"
 
     # -- latent normalisation (SPEC section 5; iREPA's per-channel option) ------
     def _set_scale_from_vae(self) -> None:
@@ -98,6 +107,37 @@ class BatchSource:
     def start(self, step: int) -> None:
         raise NotImplementedError
 
+    # -- the teacher (REPA) and latent (SRA2) groups beside the VAE groups ---------
+    def _setup_targets(self, grid: int, teacher: bool = True) -> None:
+        """After ``group_shapes``, ``latent_shape`` and the scale are known: add groups "dinov2" / "latent"."""
+        from ahpa.config import LATENT_GROUP, TEACHER_GROUP
+
+        groups = _groups(self.cfg)
+        self.grid, self.teacher, self.latent_expected = grid, None, None
+        if TEACHER_GROUP in groups:
+            if teacher:  # on the fly (images, toy); a cache stores the features instead
+                from ahpa.priors.dinov2 import build_teacher
+
+                self.teacher = build_teacher(self.cfg, grid, device=self.device)
+                self.group_shapes[TEACHER_GROUP] = (1, self.teacher.embed_dim)
+        if LATENT_GROUP in groups:
+            from ahpa.priors.latent import latent_group_shape
+
+            self.latent_expected = latent_group_shape(tuple(self.latent_shape), grid, self.cfg.prior.latent_target)
+            self.group_shapes[LATENT_GROUP] = self.latent_expected
+
+    def _finish(self, batch: dict, images: torch.Tensor | None = None) -> dict:
+        """Teacher features of ``images`` (the images as trained on, flips included) and the latent target."""
+        from ahpa.config import TEACHER_GROUP
+
+        if self.teacher is not None and images is not None:
+            batch = {**batch, "features": {**(batch.get("features") or {}), TEACHER_GROUP: self.teacher.grid_features(images)}}
+        if self.latent_expected is not None:
+            from ahpa.priors.latent import add_latent_target
+
+            batch = add_latent_target(batch, self.scale, self.shift, self.grid, self.cfg.prior.latent_target, self.latent_expected)
+        return batch
+
     def next_batch(self) -> dict:
         return next(self._iter)
 
@@ -116,7 +156,7 @@ class InMemorySource(BatchSource):
 
         latent_size = cfg.data.resolution // vae_downsample_factor(self.vae)
         grid = latent_size // _patch_size(cfg.model.name)
-        prior = HierarchicalVAEPrior(self.vae, groups=_groups(cfg), grid=grid, grouping=cfg.prior.grouping, split=cfg.prior.split, resample=cfg.prior.resample)
+        prior = HierarchicalVAEPrior(self.vae, groups=_vae_groups(cfg), grid=grid, grouping=cfg.prior.grouping, split=cfg.prior.split, resample=cfg.prior.resample)
         outputs = []
         with torch.no_grad():
             for chunk in torch.split(images, 256):
@@ -131,6 +171,14 @@ class InMemorySource(BatchSource):
         self.latent_shape = tuple(self.data.latent_mean.shape[1:])
         self.group_shapes = dict(prior.group_shapes)
         self.num_classes = int(self.labels.max()) + 1
+        self._setup_targets(grid)
+        if self.teacher is not None:  # the in-memory set: teacher features once, at start
+            from ahpa.config import TEACHER_GROUP
+
+            with torch.no_grad():
+                feats = [self.teacher.grid_features(c.to(self.device).float() / 127.5 - 1.0).cpu() for c in torch.split(images, 256)]
+            self.data.features[TEACHER_GROUP] = torch.cat(feats)
+            self.teacher = None  # not needed any more
 
     def start(self, step: int) -> None:
         self._iter = map(self._gather, self._stream(len(self.labels), step))
@@ -138,12 +186,12 @@ class InMemorySource(BatchSource):
     def _gather(self, idx) -> dict:
         idx = torch.as_tensor(list(idx), dtype=torch.long)
         d = self.device
-        return {
+        return self._finish({
             "y": self.labels[idx].to(d),
             "latent_mean": self.data.latent_mean[idx].to(d),
             "latent_std": self.data.latent_std[idx].to(d),
             "features": {g: f[idx].to(d) for g, f in self.data.features.items()},
-        }
+        })
 
 
 def _loader(dataset, sampler: ResumableSampler, cfg: Config, device) -> torch.utils.data.DataLoader:
@@ -169,12 +217,13 @@ class ImageSource(BatchSource):
         factor = vae_downsample_factor(self.vae)
         latent_size = cfg.data.resolution // factor
         self.prior = HierarchicalVAEPrior(
-            self.vae, groups=_groups(cfg), grid=latent_size // _patch_size(cfg.model.name),
+            self.vae, groups=_vae_groups(cfg), grid=latent_size // _patch_size(cfg.model.name),
             grouping=cfg.prior.grouping, split=cfg.prior.split, resample=cfg.prior.resample,
         )
         self.latent_shape = (self.vae.config.latent_channels, latent_size, latent_size)
         self.group_shapes = dict(self.prior.group_shapes)
         self.num_classes = len(self.dataset.classes)
+        self._setup_targets(self.prior.grid)
 
     def start(self, step: int) -> None:
         self.step = step
@@ -190,7 +239,8 @@ class ImageSource(BatchSource):
         self.step += 1
         with torch.no_grad():
             out = self.prior(images)
-        return {"y": batch["y"].to(self.device), "latent_mean": out.latent_mean, "latent_std": out.latent_std, "features": out.features}
+        return self._finish({"y": batch["y"].to(self.device), "latent_mean": out.latent_mean, "latent_std": out.latent_std,
+                             "features": out.features}, images)
 
 
 class CacheSource(BatchSource):
@@ -202,14 +252,18 @@ class CacheSource(BatchSource):
         from ahpa.priors.hierarchy import HierarchicalVAEPrior
         from ahpa.priors.vae import load_vae
 
+        from ahpa.config import LATENT_GROUP
+        from ahpa.priors.dinov2 import check_cache_teacher
+
+        check_cache_teacher(cfg, cfg.data.path)  # a REPA run on a cache without teacher features: refused by name
         # float16 reads keep the loader ahead of the step (float32 output capped it); cast on the device
         self.dataset = CacheDataset(cfg.data.path, flip=None if cfg.data.hflip else False, dtype=torch.float16,
-                                    groups=list(_groups(cfg)))
+                                    groups=[g for g in _groups(cfg) if g != LATENT_GROUP])  # "latent": from the moments
         manifest = self.dataset.manifest
         self.vae = load_vae(cfg.vae.path, device=self.device)  # decodes sample grids; its hash must match the cache
         grid = manifest["latent_shape"][-1] // _patch_size(cfg.model.name)
-        prior = HierarchicalVAEPrior(self.vae, groups=_groups(cfg), grid=grid, grouping=cfg.prior.grouping, split=cfg.prior.split, resample=cfg.prior.resample)
-        check_compatible(manifest, prior.describe(), cfg.data.resolution, features=bool(_groups(cfg)))  # vanilla: encoder only
+        prior = HierarchicalVAEPrior(self.vae, groups=_vae_groups(cfg), grid=grid, grouping=cfg.prior.grouping, split=cfg.prior.split, resample=cfg.prior.resample)
+        check_compatible(manifest, prior.describe(), cfg.data.resolution, features=bool(_vae_groups(cfg)))  # vanilla: encoder only
         if cfg.vae.latent_norm == "channel_stats":
             stats = self.dataset.latent_stats
             self.shift = torch.tensor(stats["mean"], dtype=torch.float32)
@@ -217,9 +271,14 @@ class CacheSource(BatchSource):
         else:
             self._set_scale_from_vae()
         self.latent_shape = tuple(manifest["latent_shape"])
-        self.group_shapes = dict(prior.group_shapes) if _groups(cfg) else {}
+        self.group_shapes = dict(prior.group_shapes) if _vae_groups(cfg) else {}
         self.num_classes = int(manifest["labels"]["num_classes"])
-        self.keep_features = bool(_groups(cfg))
+        self.keep_features = bool(self.dataset.groups)
+        from ahpa.config import TEACHER_GROUP
+
+        if TEACHER_GROUP in self.dataset.groups:  # after the VAE groups, before "latent", as in every source
+            self.group_shapes[TEACHER_GROUP] = tuple(manifest["features"][TEACHER_GROUP]["shape"][:2])
+        self._setup_targets(grid, teacher=False)
 
     def start(self, step: int) -> None:
         stream = self._stream(len(self.dataset), step, shard_sizes=self.dataset.shard_sizes)
@@ -232,7 +291,7 @@ class CacheSource(BatchSource):
         out = {"y": batch["y"].to(d), "latent_mean": batch["latent_mean"].to(d, f32), "latent_std": batch["latent_std"].to(d, f32)}
         if self.keep_features:
             out["features"] = {g: f.to(d, non_blocking=True).float() for g, f in batch["features"].items()}
-        return out
+        return self._finish(out)
 
 
 def _patch_size(name: str) -> int:
