@@ -197,6 +197,14 @@ class Trainer:
                 if torch.cuda.is_available() and "cuda" in own:
                     torch.cuda.set_rng_state(own["cuda"])
                 acc.print(f"resumed from {ckpt} at step {self.step}")
+        if cfg.train.init_from and latest_checkpoint(self.out) is None:  # a new run continuing a REPA checkpoint
+            from ahpa.models.repa import init_from_repa
+
+            self.step, note = init_from_repa(cfg.train.init_from, sit=self.sit, ema=self.ema, objective=self.objective,
+                                             optimizer=self.optimizer, module=self.module)
+            if self.step >= cfg.train.steps:
+                raise AhpaError(f"train.init_from is at step {self.step}, train.steps={cfg.train.steps} leaves nothing to train; set train.steps > {self.step} (the total count)")
+            acc.print(note)
         self.source.start(self.step)
         self.fixed_noise, self.fixed_labels, self.grid_rows = self._grid_inputs()
 

@@ -132,25 +132,27 @@ class DINOv2Teacher(nn.Module):
                 f"is {grid}x{grid}; set teacher.input_size={PATCH * grid} (or 0)"
             )
         self.name, self.grid, self.input_size = name, grid, PATCH * grid
-        self.model = timm.create_model(TEACHERS[name], pretrained=False, img_size=self.input_size, num_classes=0)
+        self.weights = "random" if weights == "random" else str(Path(weights) if weights else find_weights(name))
+        state = None if self.weights == "random" else _read_state(Path(self.weights))
+        # With weights to load, build on the meta device (no random initialisation of 86M+ parameters).
+        with torch.device("meta") if state is not None else torch.device("cpu"):
+            self.model = timm.create_model(TEACHERS[name], pretrained=False, img_size=self.input_size, num_classes=0)
         self.embed_dim = self.model.embed_dim
         self.num_prefix_tokens = self.model.num_prefix_tokens  # CLS (+ 4 registers)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.weights = "random" if weights == "random" else str(Path(weights) if weights else find_weights(name))
-        if self.weights != "random":
-            self.load_weights(Path(self.weights))
+        if state is not None:
+            self.load_weights(state, Path(self.weights))
         self.requires_grad_(False).eval()
 
     @property
     def randomly_initialised(self) -> bool:
         return self.weights == "random"
 
-    def load_weights(self, path: Path) -> None:
-        """Load an official (``*_pretrain.pth``) or timm DINOv2 state dict, resampling ``pos_embed``."""
+    def load_weights(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        """Load an official (``*_pretrain.pth``) or timm DINOv2 state dict (read from ``path``), resampling ``pos_embed``."""
         from timm.models.vision_transformer import checkpoint_filter_fn
 
-        state = _read_state(path)
         own = self.model.state_dict()
         width = state.get("cls_token", state["pos_embed"]).shape[-1]
         if width != self.embed_dim or ("register_tokens" in state or "reg_token" in state) != (self.num_prefix_tokens > 1):
@@ -165,7 +167,10 @@ class DINOv2Teacher(nn.Module):
             first = (f"tensor '{wrong[0]}' is {list(converted[wrong[0]].shape)} in the file, {list(own[wrong[0]].shape)} in {self.name}" if wrong
                      else f"tensor '{missing[0]}' is missing" if missing else f"unexpected tensor '{unexpected[0]}'")
             raise AhpaError(f"DINOv2 weights '{path}' do not fit {self.name}: {first}; pass the {official_filename(self.name)} weights or change teacher.model")
-        self.model.load_state_dict(converted)
+        self.model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in converted.items()}, assign=True)
+        left = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()] if t.is_meta]
+        if left:
+            raise AhpaError(f"DINOv2 weights '{path}' left '{left[0]}' unset in {self.name}")
 
     def describe(self) -> dict:
         """What determines the teacher features (for feature-cache manifests)."""
