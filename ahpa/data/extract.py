@@ -46,6 +46,7 @@ from ahpa.data.cache import (
     verify_cache,
     write_shard,
 )
+from ahpa.config import LATENT_GROUP, TEACHER_GROUP
 from ahpa.data.images import ImageFolderDataset, ImageReport, LoadResult
 from ahpa.errors import AhpaError
 from ahpa.io import remove_stale_temps, write_json_atomic
@@ -130,7 +131,8 @@ class _ShardBuffer:
         }
 
 
-def _encode(prior: HierarchicalVAEPrior, results: list[LoadResult], buffer: _ShardBuffer, dtype: str, flip_both: bool) -> None:
+def _encode(prior: HierarchicalVAEPrior, results: list[LoadResult], buffer: _ShardBuffer, dtype: str, flip_both: bool,
+            teacher=None) -> None:
     """Run the prior on one batch's decodable images (and their mirror images) into the shard buffer."""
     for result in results:
         buffer.report.record(result)
@@ -138,7 +140,10 @@ def _encode(prior: HierarchicalVAEPrior, results: list[LoadResult], buffer: _Sha
     if not ok:
         return
     x = torch.stack([r.item["image"] for r in ok]).to(prior.vae.device).float() / 127.5 - 1.0
-    output = prior(torch.cat([x, x.flip(-1)]) if flip_both else x)
+    x = torch.cat([x, x.flip(-1)]) if flip_both else x
+    output = prior(x)
+    if teacher is not None:  # REPA's teacher on the same images (the mirrored image's own features for flips)
+        output.features[TEACHER_GROUP] = teacher.grid_features(x)
     halves = [
         PriorOutput(output.latent_mean[s], output.latent_std[s], {g: v[s] for g, v in output.features.items()})
         for s in (slice(0, len(ok)), slice(len(ok), None))
@@ -157,10 +162,13 @@ def _commit(buffer: _ShardBuffer, out: Path, k: int, root: str) -> None:
     write_json_atomic(out / "progress" / f"{k:06d}.json", record)
 
 
-def _plan(images: ImageFolderDataset, prior: HierarchicalVAEPrior, resolution: int, dtype: str, flip_both: bool, shard_size: int, order_seed: int) -> dict:
+def _plan(images: ImageFolderDataset, prior: HierarchicalVAEPrior, resolution: int, dtype: str, flip_both: bool, shard_size: int, order_seed: int,
+          teacher=None) -> dict:
     f = vae_downsample_factor(prior.vae)
     latent_shape = [prior.vae.config.latent_channels, resolution // f, resolution // f]
-    return {
+    group_shapes = dict(prior.group_shapes) | ({TEACHER_GROUP: (1, teacher.embed_dim)} if teacher is not None else {})
+    teachers = {"teachers": {TEACHER_GROUP: teacher.describe()}} if teacher is not None else {}
+    return teachers | {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "resolution": resolution,
@@ -173,9 +181,9 @@ def _plan(images: ImageFolderDataset, prior: HierarchicalVAEPrior, resolution: i
         "latent_shape": latent_shape,
         "features": {
             g: {"shape": [layers, channels, prior.grid, prior.grid], "dtype": dtype}
-            for g, (layers, channels) in prior.group_shapes.items()
+            for g, (layers, channels) in group_shapes.items()
         },
-        "bytes_per_image": bytes_per_image(dtype, prior.group_shapes, prior.grid, tuple(latent_shape), flip_both),
+        "bytes_per_image": bytes_per_image(dtype, group_shapes, prior.grid, tuple(latent_shape), flip_both),
         "images": {
             "root_classes": images.classes,
             "listed": len(images),
@@ -257,6 +265,7 @@ def finalize(out: Path, plan: dict, num_shards: int) -> dict:
         "prior": plan["prior"],
         "latent_shape": plan["latent_shape"],
         "features": plan["features"],
+        **({"teachers": plan["teachers"]} if "teachers" in plan else {}),  # REPA teacher features (ahpa extract --teacher)
         "bytes_per_image": plan["bytes_per_image"],
         "latent_stats": {"mean": mean.tolist(), "std": std.tolist()},
         "labels": {"num_classes": len(classes), "classes": classes, "counts": [labels.get(y, 0) for y in range(len(classes))]},
@@ -291,10 +300,12 @@ def extract_cache(
     order_seed: int = 0,
     stop_after: int | None = None,
     progress: bool = True,
+    teacher=None,
 ) -> dict | None:
     """Extract (or resume extracting) this rank's shards; returns the manifest once the cache is complete.
 
     ``stop_after``: return after this many encoder batches, as if killed (tests).
+    ``teacher``: a :class:`~ahpa.priors.dinov2.DINOv2Teacher` whose features are stored as group "dinov2".
     Returns None while shards of other ranks are still pending.
     """
     if shard_size < 1 or batch_size < 1:
@@ -303,7 +314,7 @@ def extract_cache(
         raise AhpaError(f"rank {rank} is outside world size {world}")
     out = Path(out)
     images = ImageFolderDataset(image_dir, resolution)
-    plan = _plan(images, prior, resolution, dtype, flip_both, shard_size, order_seed)
+    plan = _plan(images, prior, resolution, dtype, flip_both, shard_size, order_seed, teacher)
     for sub in ("shards", "progress"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if world == 1:  # plan and manifest have one writer only in a single-process run
@@ -340,7 +351,7 @@ def extract_cache(
     try:
         for (k, _, last), results in zip(batches, loader):
             buffer = buffer or _ShardBuffer(len(shards[k]))
-            _encode(prior, results, buffer, dtype, flip_both)
+            _encode(prior, results, buffer, dtype, flip_both, teacher)
             bar.update(len(results))
             encoded += 1
             if last:
@@ -400,9 +411,19 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     vae = load_vae(args.vae or cfg.vae.path, device=device)
     grid = args.grid or _grid(resolution, vae_downsample_factor(vae), cfg.model.name)
+    groups = args.groups.split(",") if args.groups else list(cfg.prior.groups)
+    teacher_name = args.teacher or (cfg.teacher.model if TEACHER_GROUP in groups else None)
+    teacher = None
+    if teacher_name:  # REPA's teacher features beside the VAE's (group "dinov2"); "latent" is derived, never stored
+        from ahpa.priors.dinov2 import DINOv2Teacher
+
+        teacher = DINOv2Teacher(teacher_name, grid=grid, weights=args.teacher_weights or cfg.teacher.weights,
+                                input_size=cfg.teacher.input_size).to(device)
+        if teacher.randomly_initialised:
+            print(f"note: caching features of a RANDOMLY INITIALISED {teacher_name} (teacher.weights=random)")
     prior = HierarchicalVAEPrior(
         vae,
-        groups=args.groups.split(",") if args.groups else cfg.prior.groups,
+        groups=[g for g in groups if g not in (TEACHER_GROUP, LATENT_GROUP)],
         grid=grid,
         grouping=args.grouping or cfg.prior.grouping,
         split=args.split or cfg.prior.split,
@@ -411,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
     workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     manifest = extract_cache(
         args.image_dir, args.out, prior, resolution, dtype=args.dtype, flip_both=args.flip_both,
-        shard_size=args.shard_size, batch_size=args.batch, rank=rank, world=world, workers=workers,
+        shard_size=args.shard_size, batch_size=args.batch, rank=rank, world=world, workers=workers, teacher=teacher,
     )  # fmt: skip
     if manifest is not None:
         info = manifest["images"]
@@ -437,6 +458,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grouping", choices=("auto", "sd_vae", "resolution"))
     p.add_argument("--resample", choices=("area", "bilinear"))
     p.add_argument("--grid", type=int, help="token grid side (default: resolution / VAE factor / model patch)")
+    p.add_argument("--teacher", choices=tuple(f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")),
+                   help="also cache REPA's DINOv2 teacher features (group dinov2); default: when the config's prior.groups has dinov2")
+    p.add_argument("--teacher-weights", help="DINOv2 weight file (default: config teacher.weights, else the torch-hub / HF cache)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "int8"), default="float16", help="feature storage")
     p.add_argument("--flip-both", action="store_true", help="also store the horizontally flipped image's features")
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
