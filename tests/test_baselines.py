@@ -100,6 +100,10 @@ def test_repa_objective_is_repas_projector_and_loss():
     head = obj.heads["4"]
     shapes = [tuple(m.weight.shape[:2]) for m in head if isinstance(m, torch.nn.Conv2d)]
     assert shapes == [(2048, D), (2048, 2048), (Z, 2048)] and all(isinstance(head[i], torch.nn.SiLU) for i in (1, 3))
+    for i in (0, 2, 4):  # REPA's init: xavier-uniform weights (bound sqrt(6 / (fan_in + fan_out))), zero biases
+        w = head[i].weight
+        bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5
+        assert 0.99 * bound < w.abs().max() <= bound and not head[i].bias.any()
     g = torch.Generator().manual_seed(0)
     B, T = 3, sit.grid**2
     h = torch.randn(B, T, D, generator=g)
@@ -250,6 +254,11 @@ def test_teacher_features_cached_with_flips_and_refused_when_missing(image_folde
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert "holds no DINOv2 teacher features (missing prior 'dinov2'" in err and "--teacher dinov2_vits14" in err
+    assert not out.exists()
+    # a cache whose teacher grid is not this model's token grid (the 512-px / patch-size mismatch)
+    rc = main(["train", "--config", str(CONFIGS / "toy-repa.yaml"), "--out", str(out), f"data.path={with_t}", *common, "model.name=SiT-T/4"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "teacher features on a 4x4 grid (56 px), but SiT-T/4 has a 2x2 token grid" in err, err
     assert not out.exists()
 
 

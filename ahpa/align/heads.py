@@ -19,11 +19,14 @@ GROUPNORM_GROUPS = 32
 
 
 def _token_mlp(in_dim: int, out_dim: int, layers: int) -> nn.Sequential:
-    """``layers`` token-wise linear layers (1x1 convs), width 2048, SiLU between."""
+    """``layers`` token-wise linear layers (1x1 convs), width 2048, SiLU between; xavier-uniform
+    weights and zero biases, as REPA initialises its projector (its SiT ``_basic_init``)."""
     widths = [in_dim] + [MLP_HIDDEN] * (layers - 1) + [out_dim]
     modules: list[nn.Module] = []
     for i in range(layers):
         modules.append(nn.Conv2d(widths[i], widths[i + 1], 1))
+        nn.init.xavier_uniform_(modules[-1].weight)  # fans of a 1x1 conv = those of the Linear layer
+        nn.init.zeros_(modules[-1].bias)
         if i < layers - 1:
             modules.append(nn.SiLU())
     return nn.Sequential(*modules)
