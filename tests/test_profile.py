@@ -113,6 +113,7 @@ def test_teacher_forward_is_counted_without_backward():
     added = (b["flopcounter_fwd_bwd_gflops"] - a["flopcounter_fwd_bwd_gflops"]) * 1e9
     assert added == pytest.approx(2 * (linear + attention), rel=1e-9)
     assert b["teacher_params"] > 80e6 and b["extra_trainable_params"] == 0
+    assert "randomly initialised" in b["teacher_model"] and a["teacher_model"] is None
 
 
 def test_measure_speed_alternates_and_takes_median(monkeypatch):

@@ -256,8 +256,10 @@ def build_teacher(name: str, grid: int) -> nn.Module:
         dinov2 = None
     if dinov2 is not None and hasattr(dinov2, "random_teacher"):
         teacher = dinov2.random_teacher(name, grid)
+        teacher.source = f"ahpa.priors.dinov2 {name}, randomly initialised"
     else:
         teacher = TimmDINOv2(name, grid)
+        teacher.source = f"timm {TIMM_DINOV2[name]} at {teacher.input_size} px, randomly initialised"
     return teacher.requires_grad_(False).eval()
 
 
@@ -337,6 +339,7 @@ def count_costs(method: Method, resolution: int, *, backward: bool = True) -> di
         "backbone_params": sum(p.numel() for p in sit.parameters()),
         "extra_trainable_params": extra,
         "teacher_params": sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0,
+        "teacher_model": getattr(teacher, "source", type(teacher).__name__) if teacher is not None else None,
         "macs": {"backbone": macs.macs["backbone"], "objective": macs.macs.get("objective", 0),
                  "teacher": macs.macs.get("teacher", 0), "attention_matmuls": attention},
         "gflops_dit": dit / 1e9,
@@ -499,6 +502,8 @@ def format_table(result: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"{m['method']}: teacher {m['teacher_model']} (the cost does not depend on the weights)"
+              for m in methods if m.get("teacher_model")]
     note = (f"{result['model']} at {result['resolution']} px on {result['device']}; GFLOPs per image (DiT: forward "
             "MACs of linear+conv, attention matmuls excluded, teacher included, VAE excluded; FlopCounter: 2 x MACs, "
             "SDPA included, forward+backward)")
