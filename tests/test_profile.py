@@ -116,10 +116,12 @@ def test_teacher_forward_is_counted_without_backward():
     assert "randomly initialised" in b["teacher_model"] and a["teacher_model"] is None
 
 
-def test_measure_speed_alternates_and_takes_median(monkeypatch):
+@pytest.mark.parametrize("sequential", [False, True])
+def test_measure_speed_alternates_and_takes_median(monkeypatch, sequential):
     methods = [P.load_method(TOY, "SiT-T/2", 32, [f"align.method={m}"]) for m in ("vanilla", "ahpa")]
     methods[0].label, methods[1].label = "A", "B"
-    calls, fake = [], iter([0.4, 0.1, 0.3, 0.2, 0.5, 0.15])
+    calls = []
+    fake = iter([0.4, 0.3, 0.5, 0.1, 0.2, 0.15] if sequential else [0.4, 0.1, 0.3, 0.2, 0.5, 0.15])
 
     def timed(self, iters):
         calls.append(self.method.label)
@@ -127,8 +129,8 @@ def test_measure_speed_alternates_and_takes_median(monkeypatch):
 
     monkeypatch.setattr(P.StepRunner, "timed", timed)
     P.measure_speed(methods, batch=2, device=torch.device("cpu"), resolution=32, warmup=1, rounds=3, iters=1,
-                    sequential=False, log=lambda _: None)
-    assert calls == ["A", "B"] * 3
+                    sequential=sequential, log=lambda _: None)
+    assert calls == (["A"] * 3 + ["B"] * 3 if sequential else ["A", "B"] * 3)
     assert methods[0].info["ms_per_iter"] == pytest.approx(400.0) and methods[1].info["ms_per_iter"] == pytest.approx(150.0)
     assert methods[1].info["iters_per_s"] == pytest.approx(1 / 0.15)
     assert methods[0].info["peak_memory_bytes"] is None  # CPU: n/a
@@ -160,6 +162,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch)
     with pytest.raises(AhpaError, match=r"sit-t2-vanilla\.yaml"):
         P.method_config_path("vanilla", "SiT-T/2")
     assert cli.main(["profile", "--methods", "vanilla", "--batch", "0", "--out", str(out)]) == 2
+    assert cli.main(["profile", "--model", "SiT-Q/2", "--methods", "vanilla", "--out", str(out)]) == 2
+    assert "unknown model 'SiT-Q/2'" in capsys.readouterr().err
     monkeypatch.setattr(P, "_available_bytes", lambda device: 1 << 20)
     argv = ["profile", "--model", "SiT-T/2", "--resolution", "32", "--methods", TOY, "--out", str(out)]
     assert cli.main(argv) == 2

@@ -145,15 +145,15 @@ class Method:
 
 
 def load_method(method: str, model: str, resolution: int, overrides: list[str]) -> Method:
-    path = method_config_path(method, model)
-    # The profiler feeds random tensors: the data section only has to validate (toy needs no path).
-    cfg = load_config(path, [f"model.name={model}", f"data.resolution={resolution}", "data.source=toy", *overrides])
-    vae = _vae_architecture(cfg)
     from ahpa.models.sit import SIT_CONFIGS
     from ahpa.priors.vae import vae_downsample_factor
 
     if model not in SIT_CONFIGS:
         raise AhpaError(f"unknown model '{model}'; valid names: {', '.join(SIT_CONFIGS)}")
+    path = method_config_path(method, model)
+    # The profiler feeds random tensors: the data section only has to validate (toy needs no path).
+    cfg = load_config(path, [f"model.name={model}", f"data.resolution={resolution}", "data.source=toy", *overrides])
+    vae = _vae_architecture(cfg)
     factor, patch = vae_downsample_factor(vae), SIT_CONFIGS[model]["patch_size"]
     if resolution % (factor * patch):
         raise AhpaError(f"--resolution {resolution} is not a multiple of {factor * patch} (VAE factor {factor} x patch {patch}) for {model}")
@@ -190,7 +190,10 @@ def _vae_architecture(cfg: Config):
     config = next((json.loads(c.read_text()) for c in candidates if c.is_file()), None)
     if config is None and "/" in path and not Path(path).exists():
         for name in ("config.json", "vae/config.json"):
-            found = try_to_load_from_cache(path, name, cache_dir=hf_constants.HF_HUB_CACHE)
+            try:
+                found = try_to_load_from_cache(path, name, cache_dir=hf_constants.HF_HUB_CACHE)
+            except ValueError:  # not a valid repo id
+                break
             if isinstance(found, str):
                 config = json.loads(Path(found).read_text())
                 break
@@ -449,7 +452,10 @@ def measure_speed(methods: list[Method], *, batch: int, device: torch.device, re
             runner = start(method)
             if cuda and not warmup:
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = [runner.timed(iters) for _ in range(rounds)]
+            seconds = []
+            for r in range(rounds):
+                seconds.append(runner.timed(iters))
+                log(f"round {r + 1}/{rounds}: {method.label} {seconds[-1] * 1e3:.1f} ms")
             if cuda and not warmup:
                 method.info["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
             record(method, seconds)
