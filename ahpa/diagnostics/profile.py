@@ -427,9 +427,10 @@ def _available_bytes(device: torch.device) -> int | None:
 
 
 def measure_speed(methods: list[Method], *, batch: int, device: torch.device, resolution: int, warmup: int,
-                  rounds: int, iters: int, sequential: bool, log: Callable[[str], None] = print) -> None:
+                  rounds: int, iters: int, sequential: bool, log: Callable[[str], None] | None = None) -> None:
     """Fill ``info["ms_per_iter"]``, ``"iters_per_s"``, ``"round_ms"`` and ``"peak_memory_bytes"`` of each method."""
     cuda = device.type == "cuda"
+    log = log or (lambda line: print(line, flush=True))  # progress of a long run, visible at once
 
     def start(method: Method) -> StepRunner:
         base = torch.cuda.memory_allocated(device) if cuda else 0
