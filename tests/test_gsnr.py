@@ -141,3 +141,85 @@ def test_parameter_sets_and_bad_inputs():
     lut = _small_probe(router="lut")
     with pytest.raises(AhpaError, match="vmap"):
         grad_stats(lut, select_parameters(lut, "router"), _batch(n=3), method="ghost")
+
+
+# ---------------------------------------------------------------- the command, on a small toy set
+
+@pytest.fixture
+def small_toy(monkeypatch):
+    """The toy digits cut to 48 images, so that the data source encodes them in a moment."""
+    import ahpa.data.toy as toy
+
+    full = toy.load_toy
+    monkeypatch.setattr(toy, "load_toy", lambda split="train", resolution=32: tuple(v[:48] for v in full(split, resolution)))
+
+
+def _cli(*args) -> int:
+    from ahpa.cli import main
+
+    return main(["diagnose", "gsnr", *args])
+
+
+def test_cli_fresh_init_router_equals_uniform_and_outputs(tmp_path, small_toy, capsys):
+    out = tmp_path / "g"
+    rc = _cli("--config", "configs/toy.yaml", "--out", str(out), "--target", "own", "--target", "uniform:G3+G4",
+              "--target", "uniform:G3", "--n", "4", "--t", "0.3,0.8", "--quiet", "model.name=SiT-T/4")
+    assert rc == 0
+    result = json.loads((out / "gsnr.json").read_text())
+    recs = {(r["target"], r["t"]): r for r in result["records"]}
+    assert len(recs) == 6 and {r["n"] for r in recs.values()} == {4}
+    for t in (0.3, 0.8):  # a zero-initialised router is the static uniform mix (SPEC section 3), same head
+        own, uni = recs[("own", t)], recs[("uniform:G3+G4", t)]
+        assert own["gsnr"] == pytest.approx(uni["gsnr"], rel=1e-6) and own["loss_align"] == pytest.approx(uni["loss_align"], rel=1e-6)
+        assert recs[("uniform:G3", t)]["gsnr"] != pytest.approx(own["gsnr"], rel=1e-3)
+        r = recs[("uniform:G3", t)]
+        assert r["trace_cov"] == pytest.approx((r["sum_sample_grad_sq"] - 4 * r["mean_grad_sq"]) / 3, rel=1e-9)
+        assert r["gsnr_batch"] == pytest.approx(4 * r["gsnr"])
+        # at initialisation adaLN-Zero and the zero output layer leave the upstream blocks without diffusion gradient
+        assert r["diff_grad_sq"] == 0.0 and r["cos_diff_align"] is None
+    s = result["summary"]["uniform:G3"]["gsnr_batch"]
+    assert s["t>0.5"] == pytest.approx(recs[("uniform:G3", 0.8)]["gsnr_batch"])
+    assert s["all"] == pytest.approx((recs[("uniform:G3", 0.3)]["gsnr_batch"] + recs[("uniform:G3", 0.8)]["gsnr_batch"]) / 2)
+    heads = {d["target"]: d["head"] for d in result["targets"]}
+    assert heads["uniform:G3"] == "trained (channels of G3)"
+    assert (out / "gsnr.csv").read_text().count("\n") == 7 and (out / "gsnr.png").stat().st_size > 1000
+    assert "uniform:G3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "1"], "at least 2"),
+    (["--target", "cosine:G3"], "unknown --target"),
+    (["--t", "0.5,1.5"], "[0, 1]"),
+    (["--target", "uniform:G9"], "do not exist for this encoder"),
+    (["--target", "uniform:latent"], "provides no features ['latent']"),
+    (["--params", "block:40"], "outside"),
+])
+def test_cli_bad_inputs_one_line_nothing_written(tmp_path, small_toy, capsys, args, message):
+    out = tmp_path / "g"
+    rc = _cli("--config", "configs/toy.yaml", "--out", str(out), "--quiet", *args, "model.name=SiT-T/4")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_vae_swap_refuses_unfitting_groups_and_accepts_fitting(tmp_path, small_toy, capsys):
+    from diffusers import AutoencoderKL
+
+    from ahpa.priors.vae import TINY_VAE_DIR
+    from helpers import small_vae
+
+    small_vae((32, 64, 128)).save_pretrained(tmp_path / "other")  # three levels of other widths: G3/G4 differ
+    torch.manual_seed(3)
+    AutoencoderKL.from_config(AutoencoderKL.load_config(TINY_VAE_DIR)).save_pretrained(tmp_path / "same")  # tiny's layout, new weights
+    base = ["--config", "configs/toy.yaml", "--n", "4", "--t", "0.5", "--quiet"]
+    rc = _cli(*base, "--out", str(tmp_path / "bad"), "model.name=SiT-T/4", f"vae.path={tmp_path / 'other'}")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "do not fit" in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
+    assert _cli(*base, "--out", str(tmp_path / "own"), "model.name=SiT-T/4") == 0
+    assert _cli(*base, "--out", str(tmp_path / "swap"), "model.name=SiT-T/4", f"vae.path={tmp_path / 'same'}") == 0
+    own = json.loads((tmp_path / "own" / "gsnr.json").read_text())
+    swap = json.loads((tmp_path / "swap" / "gsnr.json").read_text())
+    assert swap["supervisor_vae"] == str(tmp_path / "same") and swap["vae"] == "tiny"
+    # same backbone inputs (latents of the checkpoint's VAE), other supervisor features
+    assert swap["records"][0]["loss_diffusion"] == pytest.approx(own["records"][0]["loss_diffusion"], rel=1e-6)
+    assert swap["records"][0]["gsnr"] != pytest.approx(own["records"][0]["gsnr"], rel=1e-3)

@@ -127,6 +127,8 @@ def gsnr_record(stats: GradStats, diff_mean: dict[str, torch.Tensor] | None = No
         dot = sum(float((diff_mean[k].double() * stats.mean[k].double()).sum()) for k in stats.mean)
         diff_sq = sum(float(v.double().pow(2).sum()) for v in diff_mean.values())
         rec["diff_grad_sq"] = diff_sq
+        # undefined (NaN, null in the JSON) where a gradient is zero, e.g. at initialisation, where
+        # the zero-initialised output layer and adaLN-Zero give the upstream blocks no diffusion gradient
         rec["cos_diff_align"] = dot / math.sqrt(diff_sq * stats.mean_sq) if diff_sq > 0 and stats.mean_sq > 0 else float("nan")
     return rec
 
@@ -459,8 +461,8 @@ def _write_outputs(out: Path, info: dict, records: list[dict]) -> dict:
         rs = [r for r in records if r["target"] == spec]
         summary[spec] = {"gsnr_batch": summarize(rs, "gsnr_batch"), "gsnr": summarize(rs, "gsnr"),
                          "cos_diff_align": summarize(rs, "cos_diff_align")}
-    result = dict(info, summary=summary, records=records)
-    write_json_atomic(out / "gsnr.json", result, indent=1)
+    result = _finite_or_null(dict(info, summary=summary, records=records))
+    write_json_atomic(out / "gsnr.json", result, indent=1)  # strict JSON: undefined values (NaN) as null
     buf = io.StringIO()
     fields = list(records[0])
     w = csv.DictWriter(buf, fieldnames=fields)
@@ -470,6 +472,14 @@ def _write_outputs(out: Path, info: dict, records: list[dict]) -> dict:
         f.write(buf.getvalue())
     plot_gsnr(records, out / "gsnr.png", title=info.get("title", ""))
     return summary
+
+
+def _finite_or_null(x):
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite_or_null(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def plot_gsnr(records: list[dict], path: Path, title: str = "") -> None:
