@@ -223,3 +223,27 @@ def test_cli_vae_swap_refuses_unfitting_groups_and_accepts_fitting(tmp_path, sma
     # same backbone inputs (latents of the checkpoint's VAE), other supervisor features
     assert swap["records"][0]["loss_diffusion"] == pytest.approx(own["records"][0]["loss_diffusion"], rel=1e-6)
     assert swap["records"][0]["gsnr"] != pytest.approx(own["records"][0]["gsnr"], rel=1e-3)
+
+
+def test_training_gsnr_is_logged_and_leaves_training_unchanged(tmp_path, small_toy):
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ahpa.config import load_config
+    from ahpa.train import Trainer
+
+    finals = {}
+    for every in (0, 1):
+        cfg = load_config("configs/toy.yaml", ["model.name=SiT-T/4", "train.steps=2", "train.global_batch=8",
+                                               "train.ckpt_every=0", "train.grid_steps=1", f"train.gsnr_every={every}"])
+        cfg.train.out = str(tmp_path / f"run{every}")
+        Trainer(cfg, show_progress=False).run()
+        finals[every] = load_file(str(tmp_path / f"run{every}" / "checkpoints" / "0000002" / "model.safetensors"))
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])  # the monitor draws from its own generator
+    events = EventAccumulator(str(tmp_path / "run1" / "tb")).Reload()
+    tags = events.Tags()["scalars"]
+    for t in ("0.1", "0.5", "0.9"):
+        values = [e.value for e in events.Scalars(f"gsnr/batch/t={t}")]
+        assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
+    assert not any(tag.startswith("gsnr/") for tag in EventAccumulator(str(tmp_path / "run0" / "tb")).Reload().Tags()["scalars"])
+    assert "gsnr/per_sample/t=0.5" in tags

@@ -230,7 +230,7 @@ def _static_objective(kind: str, keys: list[str], shapes: dict, base_cfg, sit):
 
 # ---------------------------------------------------------------------- command
 
-def _checkpoint_dir(path: str) -> Path:
+def checkpoint_dir(path: str) -> Path:
     from ahpa.checkpointing import latest_checkpoint
 
     p = Path(path)
@@ -244,7 +244,7 @@ def _checkpoint_dir(path: str) -> Path:
     return p
 
 
-def _read_config(path: Path, overrides: list[str]):
+def read_config(path: Path, overrides: list[str]):
     from ahpa.config import config_from_dict, parse_overrides, set_key, validate
 
     try:
@@ -258,7 +258,7 @@ def _read_config(path: Path, overrides: list[str]):
     return cfg
 
 
-def _load_state(module: nn.Module, path: Path, what: str) -> None:
+def load_state(module: nn.Module, path: Path, what: str) -> None:
     from safetensors.torch import load_file
 
     if not path.is_file():
@@ -312,9 +312,9 @@ class GSNRRun:
         overrides = list(args.overrides or [])
         vae_swap = [o.split("=", 1)[1] for o in overrides if o.startswith("vae.path=")]
         base_overrides = [o for o in overrides if not o.startswith("vae.path=")]
-        self.ckpt = _checkpoint_dir(args.ckpt) if args.ckpt else None
+        self.ckpt = checkpoint_dir(args.ckpt) if args.ckpt else None
         if self.ckpt is not None:
-            cfg = _read_config(self.ckpt / "config.yaml", base_overrides)
+            cfg = read_config(self.ckpt / "config.yaml", base_overrides)
         else:
             from ahpa.config import load_config
             cfg = load_config(args.config, base_overrides)
@@ -354,9 +354,9 @@ class GSNRRun:
         own = build_objective(cfg, self.sit, {g: shapes[g] for g in cfg.prior.groups}) if cfg.align.method != "vanilla" else None
         if self.ckpt is not None:
             weights = {"online": "model.safetensors", "ema": "ema.safetensors"}[args.weights]
-            _load_state(self.sit, self.ckpt / weights, "SiT weights")
+            load_state(self.sit, self.ckpt / weights, "SiT weights")
             if own is not None and len(own.state_dict()):
-                _load_state(own, self.ckpt / "objective.safetensors", "alignment objective")
+                load_state(own, self.ckpt / "objective.safetensors", "alignment objective")
         self.sit.eval().to(device)
         self.transport = Transport(path=cfg.transport.path, time_sampling=cfg.transport.time_sampling,
                                    time_mean=cfg.transport.time_mean, time_std=cfg.transport.time_std)
@@ -381,8 +381,8 @@ class GSNRRun:
     def _other_config(self, path: str):
         p = Path(path)
         if p.is_dir():
-            ck = _checkpoint_dir(path)
-            return _read_config(ck / "config.yaml", []), ck
+            ck = checkpoint_dir(path)
+            return read_config(ck / "config.yaml", []), ck
         if p.is_file():
             from ahpa.config import load_config
             return load_config(p), None
@@ -404,7 +404,7 @@ class GSNRRun:
             torch.manual_seed(self.args.seed)
             obj = build_objective(ocfg, self.sit, {g: shapes[g] for g in ocfg.prior.groups})
             if ock is not None:
-                _load_state(obj, ock / "objective.safetensors", "alignment objective")
+                load_state(obj, ock / "objective.safetensors", "alignment objective")
                 head = f"trained ({ock})"
             else:
                 head = "fresh" if fresh_heads else transfer_head(own, obj)
@@ -588,3 +588,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="section.key=value on the checkpoint's config; vae.path=... swaps the supervisor encoder only (Table B.10)")
+
+
+# ---------------------------------------------------------------------- during training (train.gsnr_every)
+
+TRAIN_T = (0.1, 0.5, 0.9)  # a few points of the trajectory: near data, middle, near noise
+TRAIN_SAMPLES = 64
+
+
+def training_gsnr(module: nn.Module, x0: torch.Tensor, batch: dict, step: int, seed: int,
+                  t_values=TRAIN_T, n: int = TRAIN_SAMPLES) -> dict[str, float]:
+    """A cheap G-SNR estimate for TensorBoard (``train.gsnr_every``): the first ``n`` samples of the
+    current batch at each of ``t_values``, ghost norms over the upstream parameters (one forward and
+    one backward of the batch per t, plus one for the diffusion gradient).  ``module`` is the
+    training module (``sit``, ``objective``, ``transport``); noise comes from its own generator,
+    so the training run's random stream is untouched.  Returns ``{"gsnr/batch/t=0.1": ..., ...}``."""
+    from ahpa.data.batches import step_generator
+
+    probe = AlignmentProbe(module.sit, module.objective, module.transport)
+    n = min(n, x0.shape[0])
+    dev = x0.device
+    g = step_generator(seed, step, dev, stream=4)
+    p_drop = float(getattr(module.sit.y_embedder, "dropout_prob", 0.0))
+    features = {k: v[:n] for k, v in (batch.get("features") or {}).items()}
+    out = {}
+    for t in t_values:
+        b = {"x0": x0[:n].detach(), "y": batch["y"][:n], "t": torch.full((n,), float(t), device=dev),
+             "eps": torch.randn(x0[:n].shape, generator=g, device=dev), "features": features,
+             "drop": torch.rand(n, generator=g, device=dev) < p_drop}
+        rec = probe_point(probe, b, "upstream", "ghost")
+        out[f"gsnr/batch/t={t:g}"] = rec["gsnr_batch"]
+        out[f"gsnr/per_sample/t={t:g}"] = rec["gsnr"]
+        if math.isfinite(rec["cos_diff_align"]):
+            out[f"gsnr/cos_diff_align/t={t:g}"] = rec["cos_diff_align"]
+    return out
