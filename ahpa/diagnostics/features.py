@@ -117,7 +117,7 @@ def run_features(args: argparse.Namespace) -> int:
     for c in range(1, len(columns) + 1):
         if c == 1 or columns[c - 1][0] != columns[c - 2][0]:
             x = axes[0][c].get_position().x0 - 0.004
-            fig.add_artist(Line2D([x, x], [0.01, 0.99], color="k", lw=1.5, transform=fig.transFigure))
+            fig.add_artist(Line2D([x, x], [0.01, 0.95], color="k", lw=1.5, transform=fig.transFigure))
     fig.suptitle(f"PCA (3 components as RGB) of pooled VAE features, {grid}x{grid} token grid", fontsize=9)
     out = Path(args.out)
     with atomic_open(out / "features.png") as fh:
