@@ -20,6 +20,7 @@ COMMANDS = [
     "ahpa.data.extract",  # extract
     "ahpa.data.tiny_vae",  # train-vae
     "ahpa.diagnostics.profile",  # profile
+    "ahpa.diagnostics.command",  # diagnose
 ]
 
 

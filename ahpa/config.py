@@ -122,6 +122,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # 0: no wall-clock limit; else save and stop (rerun resumes)
     grid_steps: int = 50  # ODE steps for the periodic EMA sample grids
     init_from: str = ""  # a published REPA .pt (model, ema, opt, projectors) to continue training from
+    gsnr_every: int = 0  # 0: off; else a G-SNR estimate at t = 0.1, 0.5, 0.9 to TensorBoard every N steps
 
 
 @dataclass
@@ -339,6 +340,8 @@ def validate(cfg: Config) -> None:
     for key in ("log_every", "keep_last"):
         if getattr(cfg.train, key) < 1:
             raise AhpaError(f"config key 'train.{key}' must be at least 1")
+    if cfg.train.gsnr_every < 0:
+        raise AhpaError("config key 'train.gsnr_every' must be 0 (off) or a positive number of steps")
     if cfg.sample.cfg_scale != 1.0 and cfg.model.class_dropout == 0:
         raise AhpaError("sample.cfg_scale != 1 needs the null class that label dropout trains; set model.class_dropout > 0 (0.1) or sample.cfg_scale=1")
     if not 0.0 <= cfg.train.ema_decay < 1.0:

@@ -307,6 +307,12 @@ class Trainer:
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 self._log(running, writer, bar, time.perf_counter() - t_start)
                 running = []
+            if cfg.train.gsnr_every and self.step % cfg.train.gsnr_every == 0 and writer is not None and self.objective is not None:
+                from ahpa.diagnostics.gsnr import training_gsnr  # optional G-SNR monitor (paper Sec. 3)
+
+                with acc.autocast():
+                    for key, value in training_gsnr(self.module, x0, batch, self.step, cfg.train.seed).items():
+                        writer.add_scalar(key, value, self.step)
             if acc.is_main_process and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                 self.save_sample_grid(self.out / "samples" / f"{self.step:07d}.png")
             if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:

@@ -56,3 +56,32 @@ def plot_router(objective: AlignmentObjective, path: str | os.PathLike, t_points
     with atomic_open(path) as fh:
         fig.savefig(fh, format="png", dpi=120)
     return values
+
+
+def plot_router_training(steps: list[int], weights: list[dict], t_values: list[float], groups: list[str],
+                         path: str | os.PathLike) -> None:
+    """Router weights over training (Fig. 5 across checkpoints): one row for the group scales
+    gamma_k and one per group for its layer weights, one column per t, training step on x.
+    ``weights[i]`` is ``objective.router_weights(t_values)`` of checkpoint ``steps[i]``."""
+    rows = 1 + len(groups)
+    fig = Figure(figsize=(3.6 * len(t_values), 2.6 * rows))
+    axes = fig.subplots(rows, len(t_values), squeeze=False)
+    for j, t in enumerate(t_values):
+        ax = axes[0][j]
+        for g in groups:
+            ax.plot(steps, [float(w[f"gamma/{g}"][j]) for w in weights], marker="o", ms=3, label=g)
+        ax.set_title(f"$\\gamma_k$ at t = {t:g}", fontsize=9)
+        for i, g in enumerate(groups, start=1):
+            ax = axes[i][j]
+            L = weights[0][f"intra/{g}"].shape[1]
+            for layer in range(L):
+                ax.plot(steps, [float(w[f"intra/{g}"][j, layer]) for w in weights], marker="o", ms=3, label=f"layer {layer + 1}")
+            ax.set_title(f"{g} layer weights at t = {t:g}", fontsize=9)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("training step", fontsize=8)
+    for row in axes:
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png", dpi=110)
