@@ -19,6 +19,7 @@ COMMANDS = [
     "ahpa.evaluation.command",  # evaluate
     "ahpa.data.extract",  # extract
     "ahpa.data.tiny_vae",  # train-vae
+    "ahpa.study",  # study
 ]
 
 
