@@ -121,27 +121,26 @@ def run_until_stopped(code: str, argv: list[str], timeout: float = 600) -> None:
 
 @pytest.mark.slow
 def test_study_killed_during_training_and_evaluation_resumes_to_the_same_results(tmp_path):
-    methods = [{"name": "vanilla", "config": TOY, "overrides": ["align.method=vanilla", "prior.kind=none"]},
-               {"name": "ahpa", "config": TOY}]
-    study = write_study(tmp_path / "tiny.yaml", methods)
+    study = write_study(tmp_path / "tiny.yaml", [{"name": "ahpa", "config": TOY}])  # one run: the kill points are exact
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert cli_main(["study", "--config", str(study), "--out", str(whole)]) == 0
     argv = ["study", "--config", str(study), "--out", str(killed)]
-    # 1. killed in the middle of vanilla's second training segment (before its step-3 checkpoint)
+    # 1. killed in the middle of the second training segment (before its step-3 checkpoint)
     run_until_stopped(STOP_BEFORE.format(module="ahpa.train", owner="Trainer", name="save", n=3), argv)
-    assert (killed / "evals" / "vanilla-s0" / "0000002.json").is_file()
-    assert not (killed / "evals" / "vanilla-s0" / "0000004.json").exists()
+    assert (killed / "evals" / "ahpa-s0" / "0000002.json").is_file()
+    assert not (killed / "evals" / "ahpa-s0" / "0000004.json").exists()
+    assert (killed / "runs" / "ahpa-s0" / "checkpoints" / "latest").read_text().strip() == "0000002"
     # 2. the rerun killed while sampling step 4 (before its second part file)
     run_until_stopped(STOP_BEFORE.format(module="ahpa.generate", owner="", name="save_npz_atomic", n=2), argv)
-    parts = list((killed / "samples" / "vanilla-s0" / "0000004" / "parts").glob("part_*.npz"))
-    assert len(parts) == 1 and not (killed / "evals" / "vanilla-s0" / "0000004.metrics.json").exists()
+    parts = list((killed / "samples" / "ahpa-s0" / "0000004" / "parts").glob("part_*.npz"))
+    assert len(parts) == 1 and not (killed / "evals" / "ahpa-s0" / "0000004.metrics.json").exists()
     # 3. the rerun to the end, in-process
     assert cli_main(argv) == 0
     assert (killed / "results.csv").read_text() == (whole / "results.csv").read_text()
     rows = (whole / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 2 and rows[0].startswith("method,seed,step,cfid,accuracy,num_samples,loss_diffusion,loss_align")
+    assert len(rows) == 1 + 2 and rows[0].startswith("method,seed,step,cfid,accuracy,num_samples,loss_diffusion,loss_align")
     assert "gamma_G4_t0.5" in rows[0]
-    for name in ("results.md", "fid_vs_steps.png", "grids/vanilla/0000004.png", "grids/ahpa/0000002.png"):
+    for name in ("results.md", "fid_vs_steps.png", "grids/ahpa/0000004.png", "grids/ahpa/0000002.png"):
         assert (whole / name).is_file()
     md = (whole / "results.md").read_text()
-    assert "| vanilla |" in md and "| ahpa |" in md and "4 steps" in md
+    assert "| ahpa |" in md and "4 steps" in md and "## Router at 4 steps" in md

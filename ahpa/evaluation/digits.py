@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise AhpaError(f"{args.samples} has no arr_1 labels; the digits metric needs class-conditional samples")
             metrics = digits_metrics(data["arr_0"], data["arr_1"], ref=args.ref)
         if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(args.out, metrics, indent=2)
         print(json.dumps(metrics))
         return 0
