@@ -98,6 +98,11 @@ class AlignConfig:
     loss: str = "cosine"  # cosine | l1 | smooth_l1
     weight: float = 1.0  # lambda
     depths: list[int] = field(default_factory=list)  # empty: 25% of the backbone depth
+    # Controls of the router's collapse; the defaults are the paper's method (off).
+    router_lr_mult: float = 1.0  # router learning rate = train.lr * this (its own AdamW param group)
+    router_entropy: float = 0.0  # entropy bonus coefficient on the router's softmaxes (normalised entropy)
+    router_temperature: float = 1.0  # softmax temperature of the router's logits
+    router_warmup_steps: int = 0  # blend from the static uniform mix to the router over this many steps
 
 
 @dataclass
@@ -365,6 +370,11 @@ def validate(cfg: Config) -> None:
         raise AhpaError(f"teacher.input_size={cfg.teacher.input_size} must be a multiple of the DINOv2 patch size 14 (or 0: 14 x the token grid)")
     if any(d < 1 for d in cfg.align.depths):
         raise AhpaError("align.depths are 1-indexed block numbers (>= 1)")
+    if cfg.align.router_temperature <= 0:
+        raise AhpaError("config key 'align.router_temperature' must be > 0 (1 = the paper's softmax)")
+    for key in ("router_lr_mult", "router_entropy", "router_warmup_steps"):
+        if getattr(cfg.align, key) < 0:
+            raise AhpaError(f"config key 'align.{key}' must be >= 0")
 
 
 def to_dict(cfg: Config) -> dict:

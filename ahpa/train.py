@@ -97,7 +97,21 @@ def build_objective(cfg: Config, sit: SiT, group_shapes: dict[str, tuple[int, in
         weight=cfg.align.weight,
         normalize=cfg.prior.normalize,
         normalize_alpha=cfg.prior.normalize_alpha,
+        router_entropy=cfg.align.router_entropy,
+        router_temperature=cfg.align.router_temperature,
+        router_warmup_steps=cfg.align.router_warmup_steps,
     )
+
+
+def optimizer_param_groups(module: torch.nn.Module, cfg: Config) -> list[dict]:
+    """AdamW parameter groups: one group (the paper), or with ``align.router_lr_mult != 1`` the
+    router's parameters in a second group at ``train.lr * router_lr_mult``."""
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if cfg.align.router_lr_mult == 1.0:
+        return [{"params": [p for _, p in params]}]
+    router = [p for n, p in params if n.startswith("objective.router.")]
+    rest = [p for n, p in params if not n.startswith("objective.router.")]
+    return [{"params": rest}, {"params": router, "lr": cfg.train.lr * cfg.align.router_lr_mult}]
 
 
 def _check_resume_config(out: Path, cfg: Config) -> None:
@@ -172,7 +186,7 @@ class Trainer:
             time_mean=cfg.transport.time_mean, time_std=cfg.transport.time_std,
         )
         self.module = TrainingModule(self.sit, self.objective, self.transport)
-        params = [p for p in self.module.parameters() if p.requires_grad]
+        params = optimizer_param_groups(self.module, cfg)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
         self.prepared, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.forward = torch.compile(self.prepared) if cfg.train.compile else self.prepared
@@ -293,6 +307,8 @@ class Trainer:
         while self.step < cfg.train.steps:
             batch = self.source.next_batch()
             x0, t, eps, drop = self._draws(self.step, batch)
+            if self.objective is not None:
+                self.objective.set_step(self.step)  # align.router_warmup_steps
             with acc.autocast():
                 loss, loss_diff, loss_align = self.forward(x0, batch["y"], t, eps, drop, batch.get("features"))
             acc.backward(loss)

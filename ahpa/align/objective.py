@@ -17,6 +17,7 @@ and sampling never runs them (SPEC section 4).
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Sequence
 
@@ -45,14 +46,23 @@ class AlignmentObjective(nn.Module):
         weight: lambda.
         normalize: per-layer feature normalisation (``prior.normalize``).
         normalize_alpha: iREPA's alpha for ``normalize="irepa"`` (``prior.normalize_alpha``).
+        router_entropy, router_temperature, router_warmup_steps: controls of the router's
+            collapse (``align.router_*``, all off by default = the paper's method):
+            an entropy bonus ``- c * H`` on the router's softmaxes, the softmax temperature,
+            and a warm-up that blends the static uniform mix into the router's weights
+            linearly over the first N training steps (the trainer calls :meth:`set_step`).
     """
 
     def __init__(self, hidden_size: int, grid: int, group_shapes: dict[str, tuple[int, int]], depths: Sequence[int],
                  router: str = "dynamic", head: str = "conv3", loss: str = "cosine", weight: float = 1.0,
                  normalize: str = "token", time_encoding: str = "linear", time_dim: int = 128,
                  router_hidden: int = 256, router_depth: int = 4, lut_bins: int = 10, prototypes: int = 8,
-                 normalize_alpha: float = 0.6):
+                 normalize_alpha: float = 0.6,
+                 router_entropy: float = 0.0, router_temperature: float = 1.0, router_warmup_steps: int = 0):
         super().__init__()
+        if router_temperature <= 0 or router_entropy < 0 or router_warmup_steps < 0:
+            raise AhpaError(f"router controls out of range: temperature {router_temperature} must be > 0, entropy "
+                            f"{router_entropy} and warm-up steps {router_warmup_steps} must be >= 0")
         if not depths or any(d < 1 for d in depths):
             raise AhpaError(f"alignment depths must be 1-indexed block numbers, got {list(depths)}")
         if loss not in LOSS_KINDS:
@@ -70,13 +80,17 @@ class AlignmentObjective(nn.Module):
             time_dim=time_dim, hidden=router_hidden, depth=router_depth, lut_bins=lut_bins,
             prototypes=prototypes, content_dim=hidden_size if router == "content" else None,
         )
+        self.router.temperature = float(router_temperature)
+        self.router_entropy, self.router_warmup_steps = float(router_entropy), int(router_warmup_steps)
+        # Training step for the warm-up; not persistent (checkpoints keep their keys), the trainer sets it every step.
+        self.register_buffer("step", torch.zeros((), dtype=torch.float32), persistent=False)
         self.target_dim = sum(C for _, C in self.group_shapes.values())
         self.heads = nn.ModuleDict({str(d): build_head(head, hidden_size, self.target_dim) for d in self.depths})
 
     def alignment_target(self, features: dict[str, torch.Tensor], t: torch.Tensor,
                          content: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Target ``Y`` ``[B, sum C_k, grid, grid]`` (float32) and ``gamma`` ``[B, K]`` (Eqs. 3-4)."""
-        intra, gamma = self.router(t, content)
+        intra, gamma = self.warmed_up(*self.router(t, content))
         parts = []
         for k, g in enumerate(self.groups):
             if g not in features:
@@ -89,6 +103,28 @@ class AlignmentObjective(nn.Module):
             mix = torch.einsum("bl,blchw->bchw", intra[g], normalize_features(f, self.normalize, alpha=self.normalize_alpha))
             parts.append(gamma[:, k, None, None, None] * mix)
         return torch.cat(parts, dim=1), gamma
+
+    def set_step(self, step: int) -> None:
+        """The training step (for ``router_warmup_steps``); in place, so no recompilation under torch.compile."""
+        self.step.fill_(float(step))
+
+    def warmed_up(self, intra: dict[str, torch.Tensor], gamma: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Blend ``(1 - w) * uniform + w * router``, ``w = min(step / warmup, 1)`` (no-op without warm-up)."""
+        if self.router_warmup_steps <= 0:
+            return intra, gamma
+        w = (self.step / self.router_warmup_steps).clamp(max=1.0)
+        intra = {g: (1 - w) / a.shape[1] + w * a for g, a in intra.items()}
+        return intra, (1 - w) + w * gamma
+
+    def router_entropy_bonus(self, t: torch.Tensor, content: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean normalised entropy ``H / log n`` (in [0, 1]) of the router's softmaxes per sample ``[B]``:
+        the intra-group softmax of every group with more than one layer and the inter-group softmax."""
+        intra, gamma = self.router(t, content)
+        probs = [a for a in intra.values() if a.shape[1] > 1] + ([gamma / gamma.shape[1]] if gamma.shape[1] > 1 else [])
+        if not probs:
+            return t.new_zeros(t.shape[0], dtype=torch.float32)
+        ent = [-(p * p.clamp_min(1e-12).log()).sum(1) / math.log(p.shape[1]) for p in probs]
+        return torch.stack(ent).mean(0)
 
     def forward(self, hidden: dict[int, torch.Tensor], features: dict[str, torch.Tensor],
                 t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -117,7 +153,13 @@ class AlignmentObjective(nn.Module):
         # 0-d tensors left on the device (no host sync per step); float() them to log.
         stats = {"align_loss": align.mean().detach()}
         stats |= {f"gamma_{g}": gamma[:, k].mean().detach() for k, g in enumerate(self.groups)}
-        return self.weight * align, stats
+        loss = self.weight * align
+        if self.router_entropy > 0:  # the bonus rewards spread weights; it reaches only the router
+            with fp32:
+                bonus = self.router_entropy_bonus(t, content)
+            stats["router_entropy"] = bonus.mean().detach()
+            loss = loss - self.router_entropy * bonus
+        return loss, stats
 
     @torch.no_grad()
     def router_weights(self, t_grid: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -94,10 +94,11 @@ class Router(nn.Module):
         self.group_layers = dict(group_layers)
         self.groups = list(group_layers)
         self.num_logits = sum(self.group_layers.values()) + len(self.groups)
+        self.temperature = 1.0  # softmax temperature (align.router_temperature; 1 = the paper's softmax)
 
     def split(self, logits: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Logits ``[B, sum L + K]`` -> (``{g: softmax(alpha_g)}``, ``gamma = K softmax(beta)``)."""
-        *alphas, beta = logits.float().split([*self.group_layers.values(), len(self.groups)], dim=1)
+        """Logits ``[B, sum L + K]`` -> (``{g: softmax(alpha_g / T)}``, ``gamma = K softmax(beta / T)``)."""
+        *alphas, beta = (logits.float() / self.temperature).split([*self.group_layers.values(), len(self.groups)], dim=1)
         intra = {g: F.softmax(a, dim=1) for g, a in zip(self.groups, alphas)}
         return intra, len(self.groups) * F.softmax(beta, dim=1)
 

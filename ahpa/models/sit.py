@@ -18,11 +18,12 @@ from torch import Tensor, nn
 from ahpa.errors import AhpaError
 
 # size -> (depth, hidden, heads); SPEC section 1 table, plus "T" for CPU tests and demos.
+# Patch 1 is an addition for small latents (the toy study's 8x8 latent -> 8x8 token grid).
 _SIZES = {"T": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 SIT_CONFIGS: dict[str, dict[str, int]] = {
     f"SiT-{size}/{patch}": dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
     for size, (depth, hidden, heads) in _SIZES.items()
-    for patch in (2, 4, 8)
+    for patch in (1, 2, 4, 8)
 }
 
 
