@@ -251,8 +251,10 @@ class Trainer:
             note = lock_message(lock)
             if note:
                 print(note)
-            for sub in (self.out, self.out / "samples", self.out / "checkpoints"):  # temps of killed writers (.router.png.*.tmp, ...)
-                remove_temps_in(sub)
+            ckpts = sorted((self.out / "checkpoints").glob("[0-9]*")) if (self.out / "checkpoints").is_dir() else []
+            for sub in (self.out, self.out / "samples", self.out / "checkpoints", *ckpts):  # temps of killed writers (.router.png.*.tmp, ...)
+                if sub.is_dir():
+                    remove_temps_in(sub)
         return lock
 
     def _check_disk_space(self) -> None:

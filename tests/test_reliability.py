@@ -124,13 +124,15 @@ def test_sample_directory_is_bound_to_the_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------------- 3. run-directory lock
-def test_second_process_on_a_locked_directory_is_refused_and_a_stale_lock_is_taken_over(capsys, tmp_path):
+def test_second_process_on_a_locked_directory_is_refused_and_a_stale_lock_is_taken_over(capsys, tmp_path, two_step_run):
     out = tmp_path / "run"
     holder = RunLock(out, "ahpa train").acquire()  # another open file description: flock conflicts as between processes
     try:
         line = error_line(capsys, "train", "--config", TOY, "--out", out, *FAST, "train.steps=1")
         assert f"PID {os.getpid()}" in line and "in use by another ahpa process" in line
         line = error_line(capsys, "extract", tmp_path, "--out", out, "--vae", "tiny", "--resolution", "32")
+        assert f"PID {os.getpid()}" in line
+        line = error_line(capsys, "sample", "--ckpt", latest_checkpoint(two_step_run), "--out", out, "--num", "2", "--steps", "1")
         assert f"PID {os.getpid()}" in line
         assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing else written
     finally:
@@ -334,8 +336,14 @@ def test_trainer_resumes_from_the_previous_checkpoint_and_old_ones_load_unverifi
     run = copy_run(two_step_run, tmp_path / "run")
     _flip(run / "checkpoints" / "0000002" / "ema.safetensors")
     (run / "checkpoints" / "0000001" / MANIFEST).unlink()  # as written before manifests existed
+    temps = [run / ".router.png.0123abcd.tmp", run / "checkpoints" / "0000001" / ".router.png.0123abcd.tmp",
+             run / "samples" / ".0000001.png.0123abcd.tmp"]  # what a process killed mid-write leaves
+    for temp in temps:
+        temp.parent.mkdir(exist_ok=True)
+        temp.write_bytes(b"partial")
     trainer = Trainer(toy_cfg(run, "train.steps=2"), show_progress=False)
     assert trainer.step == 1
+    assert not any(t.exists() for t in temps)
     out = capsys.readouterr().out
     assert "0000002: ema.safetensors does not match its sha256" in out and "loaded unverified" in out
     trainer.close()
@@ -474,3 +482,42 @@ def test_unusable_output_paths(capsys, tmp_path, monkeypatch, inputs, command, p
     expected = {"existing file": "existing", "read-only": "not writable", "full disk": "free"}[problem]
     assert expected in line and str(place) in line
     assert tree(place) == before and sorted(p.name for p in place.iterdir()) == sorted(before.keys() | ({out.name} if out.is_dir() else set()))
+
+
+def test_partial_feature_cache_entry_of_a_killed_run_is_removed(tmp_path):
+    from ahpa.evaluation.features import FEATURES_VERSION, cached_features, images_sha256
+    from ahpa.evaluation.npz import open_npz_images
+
+    images = open_npz_images(_npz(tmp_path / "a.npz"))
+    entry = f"{images_sha256(images)[:24]}-stub-v{FEATURES_VERSION}"
+    partial = tmp_path / "fcache" / f".{entry}.0123abcd.tmp"
+    partial.mkdir(parents=True)
+    (partial / "pool.npy").write_bytes(b"half")
+    features = cached_features(images, StubInception(), tmp_path / "fcache", progress=False)
+    assert features["pool"].shape == (4, 2048) and not partial.exists()
+
+
+def test_offline_inception_lookup_says_once_what_it_looks_for(tmp_path, monkeypatch, capsys):
+    from ahpa.evaluation import inception
+
+    def offline(url, *a, **k):
+        sys.stderr.write(f'Downloading: "{url}" to somewhere\n')  # what torch hub prints before failing
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    assert inception._download(timeout_s=1) is None
+    err = capsys.readouterr().err
+    assert err.count(inception.WEIGHTS_FILE) == 1 and "Downloading" not in err and "http" not in err
+
+
+def test_full_disk_while_writing_is_one_line(capsys, tmp_path, evaluate_inputs, monkeypatch):
+    from ahpa.evaluation import command
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(command, "write_json_atomic", full)
+    samples, ref = evaluate_inputs
+    line = error_line(capsys, "evaluate", samples, "--ref", ref, "--cache-dir", tmp_path / "fcache", "--out", tmp_path / "r.json")
+    assert "No space left on device" in line and str(tmp_path / "r.json") in line
