@@ -6,6 +6,7 @@ registers itself here through a ``register(subparsers)`` function that sets
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -23,6 +24,9 @@ COMMANDS = [
     "ahpa.diagnostics.command",  # diagnose
     "ahpa.study",  # study
 ]
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except AhpaError as err:
         print(f"ahpa {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A full disk or a read-only / forbidden place met while writing: atomic writers left
+        # the previous outputs intact (io.py); one line, like any other bad input.
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        print(f"ahpa {args.command}: error: cannot write {err.filename or 'an output'}: {err.strerror}; "
+              "free space or choose a writable --out, then rerun (finished work resumes)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ahpa {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,9 @@ class TrainConfig:
     grid_steps: int = 50  # ODE steps for the periodic EMA sample grids
     init_from: str = ""  # a published REPA .pt (model, ema, opt, projectors) to continue training from
     gsnr_every: int = 0  # 0: off; else a G-SNR estimate at t = 0.1, 0.5, 0.9 to TensorBoard every N steps
+    # Stop after this many consecutive steps with a NaN/Inf loss or gradient (each is skipped, EMA untouched).
+    # 100: fp16 loss scaling skips ~15 steps while it calibrates, a spike a few; 100 in a row is a divergence.
+    max_nonfinite_steps: int = 100
 
 
 @dataclass
@@ -375,6 +379,45 @@ def validate(cfg: Config) -> None:
     for key in ("router_lr_mult", "router_entropy", "router_warmup_steps"):
         if getattr(cfg.align, key) < 0:
             raise AhpaError(f"config key 'align.{key}' must be >= 0")
+    _validate_ranges(cfg)
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Numbers outside their meaningful range (issue 9): refused before anything runs."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise AhpaError(f"config key '{section.name}.{f.name}' is {v!r}; it must be a finite number")
+    t = cfg.train
+    rules = [
+        (t.lr > 0, "train.lr", "must be positive (e.g. 1e-4)"),
+        (len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas), "train.betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
+        (t.weight_decay >= 0, "train.weight_decay", "must be non-negative"),
+        (t.grad_clip >= 0, "train.grad_clip", "must be non-negative (0: no clipping)"),
+        (t.ckpt_every >= 0, "train.ckpt_every", "must be non-negative (0: only at the end)"),
+        (t.sample_every >= 0, "train.sample_every", "must be non-negative (0: no periodic grids)"),
+        (t.max_minutes >= 0, "train.max_minutes", "must be non-negative (0: no limit)"),
+        (t.grid_steps >= 1, "train.grid_steps", "must be at least 1"),
+        (t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1"),
+        (0.0 <= cfg.model.class_dropout < 1.0, "model.class_dropout", "must lie in [0, 1)"),
+        (cfg.model.num_classes >= 1, "model.num_classes", "must be at least 1"),
+        (cfg.data.num_workers >= 0, "data.num_workers", "must be non-negative (0: load in the main process)"),
+        (cfg.data.resolution >= 8, "data.resolution", "must be a positive image side in pixels (e.g. 256)"),
+        (cfg.align.weight >= 0, "align.weight", "must be non-negative (lambda)"),
+        (min(cfg.align.time_dim, cfg.align.router_hidden, cfg.align.lut_bins, cfg.align.prototypes) >= 1,
+         "align.time_dim/router_hidden/lut_bins/prototypes", "must be at least 1"),
+        (cfg.transport.time_std > 0, "transport.time_std", "must be positive"),
+        (cfg.vae.scaling_factor >= 0, "vae.scaling_factor", "must be non-negative (0: the VAE's own)"),
+        (cfg.sample.steps >= 1, "sample.steps", "must be at least 1"),
+        (cfg.sample.cfg_scale >= 0, "sample.cfg_scale", "must be non-negative (1: no guidance)"),
+    ]
+    for ok, key, rule in rules:
+        if not ok:
+            value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1], None) if "/" not in key else None
+            raise AhpaError(f"config key '{key}' {'is ' + repr(value) + '; it ' if value is not None else ''}{rule}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -8,7 +8,8 @@ to ``OUT/parts/part_{first index:08d}_{count}.npz`` (``arr_0`` uint8 images,
 ``indices``, ``labels``).  A restart skips every index already in a part file.
 When all N exist, rank 0 writes ``OUT/samples_{N}.npz`` (``arr_0`` images in
 index order, ``arr_1`` labels, as guided-diffusion's class-conditional samples).
-``OUT/sampling.json`` records the settings; a rerun with other settings is refused.
+``OUT/sampling.json`` records the settings and the sha256 of the model's weights; a rerun
+with other settings or another checkpoint is refused, so one ``.npz`` never mixes checkpoints.
 
     ahpa sample --ckpt RUN/checkpoints/0400000 --out OUT --mode sde --cfg-scale 1.8 --guidance-high 0.7
     accelerate launch -m ahpa.cli sample ...   # several GPUs, the same .npz
@@ -17,7 +18,9 @@ index order, ``arr_1`` labels, as guided-diffusion's class-conditional samples).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 from datetime import timedelta
 from collections.abc import Callable
@@ -31,7 +34,7 @@ from tqdm import tqdm
 
 from ahpa.errors import AhpaError
 from ahpa.evaluation.npz import save_npz_atomic, to_uint8
-from ahpa.io import atomic_open, write_json_atomic
+from ahpa.io import RunLock, atomic_open, check_output_dir, lock_message, remove_temps_in, write_json_atomic
 from ahpa.priors.base import denormalize_latent
 from ahpa.sampling import noise_for_indices, sample, sde_seeds
 
@@ -68,12 +71,44 @@ def written_indices(parts_dir: Path) -> set[int]:
     return done
 
 
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of a model's state (names, dtypes, shapes, bytes): the identity samples are bound to."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_sampler_arguments(num: int, batch: int, sampler_kwargs: dict, seed: int = 0) -> None:
+    """AhpaError for values the sampler cannot use, before anything is written."""
+    steps, cfg_scale = sampler_kwargs.get("steps", 1), sampler_kwargs.get("cfg_scale", 1.0)
+    low, high = sampler_kwargs.get("guidance_interval", (0.0, 1.0))
+    if num < 1 or batch < 1:
+        raise AhpaError(f"--num and --batch must be at least 1 (got {num} and {batch})")
+    if steps < 1:
+        raise AhpaError(f"--steps must be at least 1 (got {steps}); the paper's setting is 250 (SDE) or 50 (ODE)")
+    if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise AhpaError(f"--cfg-scale must be a finite number >= 0 (got {cfg_scale}); 1 means no guidance")
+    if not 0.0 <= low <= high <= 1.0:
+        raise AhpaError("--guidance-low and --guidance-high must satisfy 0 <= low <= high <= 1")
+    if seed < 0:
+        raise AhpaError(f"--seed must be non-negative (got {seed})")
+
+
 def _check_manifest(out_dir: Path, settings: dict) -> None:
-    """Refuse to mix samples drawn with different settings in one directory."""
+    """Refuse to mix samples drawn with different settings or weights in one directory."""
     path = out_dir / MANIFEST
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
     if path.is_file():
         recorded = json.loads(path.read_text())
+        if recorded.get("weights_sha256", settings.get("weights_sha256")) != settings.get("weights_sha256"):
+            raise AhpaError(f"{out_dir} holds samples of another checkpoint (weights sha256 {recorded['weights_sha256'][:12]}..., "
+                            f"this one is {settings['weights_sha256'][:12]}...); use a new --out directory for each checkpoint")
+        if "weights_sha256" not in recorded and "weights_sha256" in settings:  # sampled before the weights were recorded
+            print(f"note: {path} does not record which weights drew its samples (older ahpa): resuming unverified")
+            settings.pop("weights_sha256")
         changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
         if changed:
             raise AhpaError(f"{out_dir} holds samples drawn with other settings ({', '.join(changed)} differ, see "
@@ -130,14 +165,14 @@ def generate_samples(model: nn.Module, meta: dict, decode_fn: Callable[[Tensor],
     ``barrier`` (e.g. accelerate's ``wait_for_everyone``) is called before assembling.
     Returns the ``.npz`` path on rank 0 once all samples exist, else None.
     """
-    if num < 1 or batch < 1:
-        raise AhpaError(f"--num and --batch must be at least 1 (got {num} and {batch})")
+    check_sampler_arguments(num, batch, sampler_kwargs, seed)
     out_dir = Path(out_dir)
     num_classes = num_classes or meta["num_classes"]
     kwargs = {"time_convention": meta.get("time_convention", "repa"), **sampler_kwargs}
     parts_dir = out_dir / PARTS_DIR
+    settings = {"seed": seed, "num_classes": num_classes, "sampler": kwargs, "model": meta, "weights_sha256": weights_digest(model)}
     parts_dir.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out_dir, {"seed": seed, "num_classes": num_classes, "sampler": kwargs, "model": meta})
+    _check_manifest(out_dir, settings)
     final = samples_path(out_dir, num)
     if final.is_file():
         return final if rank == 0 else None
@@ -201,12 +236,17 @@ def run(args: argparse.Namespace) -> int:
     from ahpa.models.checkpoints import load_model_for_sampling
     from ahpa.priors.vae import load_vae  # diffusers: imported only when sampling
 
-    if not 0.0 <= args.guidance_low <= args.guidance_high <= 1.0:
-        raise AhpaError("--guidance-low and --guidance-high must satisfy 0 <= low <= high <= 1")
+    check_sampler_arguments(args.num, args.batch, dict(steps=args.steps, cfg_scale=args.cfg_scale,
+                            guidance_interval=(args.guidance_low, args.guidance_high)), args.seed)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise AhpaError(f"--num-classes must be at least 1 (got {args.num_classes})")
+    check_output_dir(args.out, "--out")
     # cpu=True: several CPU processes use gloo; a long timeout: on resume one rank may wait long at the barrier
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=6))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    verify_ema_file(args.ckpt)
     model, meta = load_model_for_sampling(args.ckpt, model_name=args.model, num_classes=args.num_classes)
+    refuse_nonfinite(model, args.ckpt)
     if args.cfg_scale != 1.0 and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
         raise AhpaError(f"{args.ckpt} was trained without a null class, so it cannot use guidance; use --cfg-scale 1")
     model = model.to(state.device).eval()
@@ -217,12 +257,85 @@ def run(args: argparse.Namespace) -> int:
     sampler_kwargs = dict(mode=args.mode, method=args.method, steps=args.steps, cfg_scale=args.cfg_scale,
                           guidance_interval=(args.guidance_low, args.guidance_high),
                           path=args.path or meta.get("path", "linear"))
-    if state.is_main_process:
-        print(f"sampling {args.num} images from {meta['model']} on {state.num_processes} process(es): {sampler_kwargs}")
-    path = generate_samples(model, meta, lambda x: vae.decode(x.to(vae.dtype)).sample.float(), args.out, args.num,
-                            args.batch, sampler_kwargs, seed=args.seed, rank=state.process_index,
-                            world=state.num_processes, write_png=args.png, num_classes=args.num_classes,
-                            barrier=state.wait_for_everyone)
+    from ahpa.priors.vae import vae_downsample_factor
+
+    side = meta["input_size"] * vae_downsample_factor(vae)
+    lock = _lock_sample_dir(Path(args.out), state, need_bytes=assembly_bytes(Path(args.out), args.num, side, args.png))
+    try:
+        if state.is_main_process:
+            print(f"sampling {args.num} images from {meta['model']} on {state.num_processes} process(es): {sampler_kwargs}")
+        path = generate_samples(model, meta, lambda x: vae.decode(x.to(vae.dtype)).sample.float(), args.out, args.num,
+                                args.batch, sampler_kwargs, seed=args.seed, rank=state.process_index,
+                                world=state.num_processes, write_png=args.png, num_classes=args.num_classes,
+                                barrier=state.wait_for_everyone)
+    finally:
+        if lock is not None:
+            lock.release()
     if state.is_main_process:
         print(f"wrote {path}")
     return 0
+
+
+def verify_ema_file(ckpt: str | os.PathLike) -> None:
+    """An ema.safetensors inside a training checkpoint must match the size and sha256 its manifest records."""
+    from ahpa.checkpointing import MANIFEST as CKPT_MANIFEST
+
+    path = Path(ckpt)
+    folder, name = (path, "ema.safetensors") if path.is_dir() else (path.parent, path.name)
+    try:
+        record = json.loads((folder / CKPT_MANIFEST).read_text())["files"][name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no manifest (a published or older file): nothing to check against
+    from ahpa.io import file_sha256
+
+    file = folder / name
+    if file.is_file() and (file.stat().st_size != record["bytes"] or file_sha256(file) != record["sha256"]):
+        raise AhpaError(f"{file} does not match the size/sha256 in {folder / CKPT_MANIFEST}: the file is damaged; "
+                        "sample from another checkpoint of the run")
+
+
+def refuse_nonfinite(model: nn.Module, ckpt) -> None:
+    from ahpa.checkpointing import first_nonfinite
+
+    bad = first_nonfinite(model)
+    if bad is not None:
+        raise AhpaError(f"{ckpt} holds NaN/Inf weights (first: tensor '{bad}'): its training diverged and its samples "
+                        "would be blank; sample from an earlier checkpoint")
+
+
+def assembly_bytes(out_dir: Path, num: int, side: int, png: bool = False) -> int:
+    """Disk still needed: the part files not yet written, the memory-mapped gather file and the
+    final .npz (each about num x side^2 x 3 bytes; so about twice the .npz beyond the parts)."""
+    per_image = side * side * 3
+    if samples_path(out_dir, num).is_file():
+        return 0
+    written = sum(p.stat().st_size for p in (out_dir / PARTS_DIR).glob("part_*.npz")) if (out_dir / PARTS_DIR).is_dir() else 0
+    return max(0, num * per_image - written) + 2 * num * per_image + (num * per_image if png else 0)
+
+
+def _lock_sample_dir(out: Path, state, need_bytes: int) -> RunLock | None:
+    """Rank 0 checks the space and locks OUT; every rank learns the outcome (one collective)."""
+    lock, error = None, None
+    if state.is_main_process:
+        try:
+            check_output_dir(out, "--out", need_bytes=need_bytes)
+            lock = RunLock(out, "ahpa sample").acquire()
+        except AhpaError as err:
+            error = err
+    if state.num_processes > 1:
+        flag = torch.tensor([float(error is not None)], device=state.device)
+        torch.distributed.all_reduce(flag)
+        if float(flag) > 0 and error is None:
+            raise AhpaError(f"{out} cannot be sampled into (rank 0 says why)")
+    if error is not None:
+        raise error
+    if lock is not None:
+        note = lock_message(lock)
+        if note:
+            print(note)
+        for sub in (out, out / PARTS_DIR, out / PNG_DIR):  # temporaries of a killed run
+            if sub.is_dir():
+                remove_temps_in(sub)
+        for gather in out.glob(".samples_*.gather.npy"):
+            gather.unlink(missing_ok=True)
+    return lock

@@ -144,3 +144,233 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int =
 
 def file_sha256(path: str | os.PathLike) -> str:
     return file_digest(path, "sha256")
+
+
+# ---------------------------------------------------------------------- output checks
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _check_writable_place(path: Path, what: str, need_bytes: int) -> None:
+    """The nearest existing ancestor of ``path`` is a writable directory with ``need_bytes`` free."""
+    from ahpa.errors import AhpaError
+
+    anc = _existing_ancestor(path)
+    if not anc.is_dir():
+        raise AhpaError(f"{what} {path}: {anc} is an existing file, not a directory; choose a path under a directory")
+    read_only_mount = bool(os.statvfs(anc).f_flag & getattr(os, "ST_RDONLY", 1))
+    if read_only_mount or not os.access(anc, os.W_OK | os.X_OK):
+        raise AhpaError(f"{what} {path}: {anc} is not writable{' (read-only file system)' if read_only_mount else ''}; "
+                        "choose a writable location")
+    if need_bytes > 0:
+        free = shutil.disk_usage(anc).free
+        if free < need_bytes:
+            raise AhpaError(f"{what} {path}: about {_gib(need_bytes)} must be written but only {_gib(free)} are free on "
+                            f"{anc}'s file system; free space or choose another location")
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "--out", need_bytes: int = 0) -> Path:
+    """Refuse (AhpaError, nothing written) an output directory that cannot be one: an existing
+    file, a read-only place, or a file system with less than ``need_bytes`` free."""
+    from ahpa.errors import AhpaError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AhpaError(f"{what} {path} is an existing file, not a directory; choose a directory (new or a previous output)")
+    _check_writable_place(path, what, need_bytes)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--out", need_bytes: int = 0) -> Path:
+    """Refuse an output file name that cannot be written: an existing directory, a parent that
+    is a file, a read-only place, or too little free space."""
+    from ahpa.errors import AhpaError
+
+    path = Path(path)
+    if path.is_dir():
+        raise AhpaError(f"{what} {path} is an existing directory, but a file name is expected; pass e.g. {path / 'results.json'}")
+    _check_writable_place(path.parent, what, need_bytes)
+    return path
+
+
+def remove_temps_in(directory: str | os.PathLike) -> int:
+    """Delete every ``.NAME.*.tmp`` temporary directly in ``directory`` (files and directories).
+
+    Only for a directory whose writer holds its :class:`RunLock`.  Returns how many were removed."""
+    removed = 0
+    for stale in Path(directory).glob(".*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+# ---------------------------------------------------------------------- run-directory lock
+LOCK_FILE = ".ahpa.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+class RunLock:
+    """An exclusive lock on an output directory (``DIR/.ahpa.lock``), held for the life of a command.
+
+    Mechanism: ``fcntl.flock`` on the lock file.  The kernel drops the lock when its holder
+    dies, so a lock of a killed process never blocks (its file, naming the dead PID, is taken
+    over).  On NFS, Linux emulates ``flock`` with POSIX byte-range locks, which the NFS lock
+    manager (NFSv3 NLM, NFSv4 built in) enforces across clients.  Where ``flock`` is not
+    supported (e.g. Lustre mounted without ``-o flock``: ENOSYS/EOPNOTSUPP/ENOLCK), it falls
+    back to creating the file with ``O_EXCL`` and a PID + host check: a lock whose PID no
+    longer runs on this host is stale and taken over; one from another host is never taken
+    over (its owner cannot be checked from here).  The file holds JSON
+    ``{"pid", "host", "command", "since"}``; the message of a refusal names them.
+
+    Releasing unlinks the file; a waiter that locked the unlinked inode notices (inode
+    check after locking) and retries, so two holders never coexist.
+    """
+
+    def __init__(self, directory: str | os.PathLike, command: str = "ahpa", name: str = LOCK_FILE):
+        self.directory = Path(directory)
+        self.path = self.directory / name
+        self.command = command
+        self.fd: int | None = None
+        self.created_dir = False
+        self.took_over: dict | None = None
+        self.mode = "flock"
+
+    def _refuse(self, holder: dict):
+        from ahpa.errors import AhpaError
+
+        who = f"PID {holder.get('pid', '?')} on {holder.get('host', '?')}"
+        if holder.get("command"):
+            who += f" ({holder['command']}, since {holder.get('since', '?')})"
+        return AhpaError(f"{self.directory} is in use by another ahpa process: {who}; wait for it to finish or stop it, "
+                         f"or use another output directory (lock file {self.path})")
+
+    def _record(self) -> bytes:
+        import socket
+        import time
+
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import socket
+
+        if not self.directory.exists():
+            self.directory.mkdir(parents=True)
+            self.created_dir = True
+        for _ in range(100):
+            try:
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:  # released in between
+                    continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._refuse(_read_holder(self.path)) from None
+            except OSError as err:
+                if err.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+                    os.close(fd)
+                    raise
+                self.mode = "exclusive-create"
+                if created:  # O_EXCL made it ours
+                    os.pwrite(fd, self._record(), 0)
+                    self.fd = fd
+                    return self
+                os.close(fd)
+                return self._acquire_exclusive_create(socket.gethostname())
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder unlinked the file while we waited on it: retry
+                os.close(fd)
+                continue
+            previous = _read_holder(self.path)
+            if previous.get("pid") and previous.get("pid") != os.getpid():
+                self.took_over = previous  # its holder died without releasing (kill -9, node loss)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, self._record(), 0)
+            self.fd = fd
+            return self
+        raise RuntimeError(f"could not lock {self.path}")
+
+    def _acquire_exclusive_create(self, host: str) -> "RunLock":
+        self.mode = "exclusive-create"
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = _read_holder(self.path)
+                if holder.get("host") == host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+                    self.took_over = holder
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise self._refuse(holder) from None
+            os.pwrite(fd, self._record(), 0)
+            self.fd = fd
+            return self
+        raise RuntimeError(f"could not lock {self.path}")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # before unlocking: a waiter then sees a stale inode and retries
+        finally:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+        if self.created_dir:  # a command refused after locking leaves no empty directory behind
+            try:
+                self.directory.rmdir()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:
+            pass
+
+
+def lock_message(lock: RunLock) -> str | None:
+    """One line about a taken-over stale lock, or None."""
+    if lock.took_over:
+        return (f"note: took over the stale lock of PID {lock.took_over.get('pid')} on {lock.took_over.get('host')} "
+                f"(no longer running) in {lock.directory}")
+    return None

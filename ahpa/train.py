@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from ahpa.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from ahpa.checkpointing import latest_checkpoint, load_checkpoint, resume_from_latest, save_checkpoint
 from ahpa.config import PRESETS, Config, load_config, save_config, to_dict
 from ahpa.data.batches import build_source, step_generator
 from ahpa.errors import AhpaError
-from ahpa.io import atomic_open, write_json_atomic
+from ahpa.io import RunLock, atomic_open, check_output_dir, lock_message, remove_temps_in, write_json_atomic
 from ahpa.models.sit import SiT, build_sit
 from ahpa.transport import Transport
 
@@ -62,10 +62,11 @@ class TrainingModule(torch.nn.Module):
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, keep: torch.Tensor | None = None) -> None:
+    """ema <- ema + (1 - decay) * keep * (model - ema); ``keep`` (device 0/1) masks a skipped step."""
     ema_params = list(ema.parameters())
     params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay if keep is None else keep * (1.0 - decay))
 
 
 def _rank_slice(x: torch.Tensor, rank: int, per_rank: int) -> torch.Tensor:
@@ -138,9 +139,29 @@ def _save_grid(images: torch.Tensor, nrow: int, path: Path) -> None:
         save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, f, format="png", nrow=nrow, padding=1)
 
 
+def _releases_lock_on_error(init):
+    """A Trainer whose setup fails releases its run-directory lock at once (not at garbage collection)."""
+    import functools
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            self.close()
+            raise
+
+    return wrapper
+
+
+# Optimizer settings that a resume applies over the ones restored with the optimizer state (issue 9 item 5).
+RESUME_OPTIMIZER_KEYS = {"lr": "train.lr", "betas": "train.betas", "weight_decay": "train.weight_decay"}
+
+
 class Trainer:
     """Builds a run from a config and trains it; ``run()`` returns the metrics dict."""
 
+    @_releases_lock_on_error
     def __init__(self, cfg: Config, *, show_progress: bool = True, resume: bool = True):
         from accelerate import Accelerator
 
@@ -160,6 +181,7 @@ class Trainer:
         if torch.cuda.is_available() and cfg.train.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self._lock = self._lock_run_dir()  # before anything reads or writes the run directory
         if resume:  # every rank reads the file: a refusal on rank 0 alone would leave the others waiting
             _check_resume_config(self.out, cfg)
         elif latest_checkpoint(self.out) is not None:
@@ -200,11 +222,17 @@ class Trainer:
             "scaling_factor": self.source.latent_scale_scalar, "latent_shift": self.source.latent_shift_list,
             "latent_scale": self.source.latent_scale_list, "time_convention": "repa", "path": cfg.transport.path,
         }
+        self._check_disk_space()
+        self.resumes: list[dict] = []
+        nonfinite_skipped = 0
         if resume:
-            ckpt = latest_checkpoint(self.out)
+            ckpt, loaded = resume_from_latest(self.out, lambda c: load_checkpoint(
+                c, model=self.sit, ema=self.ema, objective=self.objective, optimizer=self.optimizer), log=acc.print)
             if ckpt is not None:
-                state, rng = load_checkpoint(ckpt, model=self.sit, ema=self.ema, objective=self.objective, optimizer=self.optimizer)
+                state, rng = loaded
                 self.step = int(state["step"])
+                nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+                self._apply_resume_overrides(state)
                 self.history = state.get("history", [])
                 own = rng[self.rank] if self.rank < len(rng) else rng[0]
                 torch.set_rng_state(own["torch"])
@@ -219,8 +247,75 @@ class Trainer:
             if self.step >= cfg.train.steps:
                 raise AhpaError(f"train.init_from is at step {self.step}, train.steps={cfg.train.steps} leaves nothing to train; set train.steps > {self.step} (the total count)")
             acc.print(note)
+        from ahpa.nonfinite import NonFiniteGuard
+
+        self.guard = NonFiniteGuard(self.device, skipped=nonfinite_skipped,
+                                    reduce=(lambda x: acc.reduce(x, reduction="sum")) if self.world > 1 else None)
         self.source.start(self.step)
         self.fixed_noise, self.fixed_labels, self.grid_rows = self._grid_inputs()
+
+    # ------------------------------------------------------------------ run directory (issue 9)
+    def _lock_run_dir(self) -> RunLock | None:
+        """Rank 0 locks OUT exclusively; every rank learns whether it could (one collective at setup)."""
+        check_output_dir(self.out, "train.out / --out")
+        lock, error = None, None
+        if self.accelerator.is_main_process:
+            try:
+                lock = RunLock(self.out, "ahpa train").acquire()
+            except AhpaError as err:
+                error = err
+        if self.world > 1:
+            failed = self.accelerator.reduce(torch.tensor(float(error is not None), device=self.device), reduction="sum")
+            if float(failed) > 0 and error is None:
+                raise AhpaError(f"{self.out} is in use by another ahpa process (rank 0 names it)")
+        if error is not None:
+            raise error
+        if lock is not None:
+            note = lock_message(lock)
+            if note:
+                print(note)
+            ckpts = sorted((self.out / "checkpoints").glob("[0-9]*")) if (self.out / "checkpoints").is_dir() else []
+            for sub in (self.out, self.out / "samples", self.out / "checkpoints", *ckpts):  # temps of killed writers (.router.png.*.tmp, ...)
+                if sub.is_dir():
+                    remove_temps_in(sub)
+        return lock
+
+    def _check_disk_space(self) -> None:
+        """One checkpoint (model + EMA + AdamW moments + objective, float32) must fit before training starts."""
+        if not self.accelerator.is_main_process:
+            return
+        n_sit = sum(p.numel() for p in self.sit.parameters())
+        n_obj = sum(p.numel() for p in self.objective.parameters()) if self.objective is not None else 0
+        check_output_dir(self.out, "train.out / --out", need_bytes=4 * (4 * n_sit + 3 * n_obj))
+
+    def _apply_resume_overrides(self, state: dict) -> None:
+        """The config's optimizer settings win over those restored with the optimizer state;
+        a change is printed and recorded in the checkpoints' state.json ("resumes")."""
+        cfg = self.cfg.train
+        wanted = {"lr": cfg.lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
+        changed = {}
+        for group in self.optimizer.param_groups:
+            for key, value in wanted.items():
+                before = tuple(group[key]) if key == "betas" else group[key]
+                if before != value:
+                    changed[RESUME_OPTIMIZER_KEYS[key]] = [list(before) if key == "betas" else before,
+                                                           list(value) if key == "betas" else value]
+                group[key] = value
+        self.resumes = list(state.get("resumes", []))
+        if cfg.steps < self.step:
+            raise AhpaError(f"{self.out} is at step {self.step}, beyond train.steps={cfg.steps}; set train.steps >= {self.step} "
+                            "to continue it, or choose a new --out directory")
+        if changed:
+            self.resumes.append({"step": self.step, "changed": changed})
+            self.accelerator.print("resume: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                                   + f" from step {self.step} on")
+
+    def close(self) -> None:
+        """Release the run-directory lock (run() does it when it ends)."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------ pieces
     def _grid_inputs(self):
@@ -257,7 +352,8 @@ class Trainer:
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return None
-        state = {"step": self.step, "history": self.history}  # the data position is a function of the step
+        state = {"step": self.step, "history": self.history,  # the data position is a function of the step
+                 "nonfinite_skipped": self.guard.counts()[0], "resumes": self.resumes}
         ckpt = save_checkpoint(
             self.out, self.step, model=self.sit, ema=self.ema, objective=self.objective, optimizer=self.optimizer,
             rng_states=rng, state=state, meta=self.meta, config_yaml=yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
@@ -284,6 +380,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
@@ -312,17 +414,19 @@ class Trainer:
             with acc.autocast():
                 loss, loss_diff, loss_align = self.forward(x0, batch["y"], t, eps, drop, batch.get("features"))
             acc.backward(loss)
-            if cfg.train.grad_clip > 0:
-                acc.clip_grad_norm_(self.module.parameters(), cfg.train.grad_clip)
-            self.optimizer.step()
+            # the total norm (a device tensor) also tells the guard whether any gradient is NaN/Inf (nonfinite.py)
+            grad_norm = acc.clip_grad_norm_(self.module.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
+            found_inf = self.guard.check(loss, grad_norm)
+            self.guard.step(self.optimizer, found_inf)
             self.optimizer.zero_grad(set_to_none=True)
-            update_ema(self.ema, self.sit, cfg.train.ema_decay)
+            update_ema(self.ema, self.sit, cfg.train.ema_decay, keep=self.guard.keep(found_inf))
             self.step += 1
             running.append(torch.stack([loss.detach(), loss_diff, loss_align]))
             bar.update(1)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 self._log(running, writer, bar, time.perf_counter() - t_start)
                 running = []
+                self._stop_if_diverged(writer)
             if cfg.train.gsnr_every and self.step % cfg.train.gsnr_every == 0 and writer is not None and self.objective is not None:
                 from ahpa.diagnostics.gsnr import training_gsnr  # optional G-SNR monitor (paper Sec. 3)
 
@@ -361,16 +465,32 @@ class Trainer:
         flag = torch.tensor(float(local), device=self.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
+    def _stop_if_diverged(self, writer) -> None:
+        """Too many consecutive non-finite steps: stop without saving (every rank reads the same counter)."""
+        skipped, streak = self.guard.counts()
+        limit = self.cfg.train.max_nonfinite_steps
+        if streak >= limit:
+            if writer is not None:
+                writer.close()
+            last = latest_checkpoint(self.out)
+            raise AhpaError(
+                f"the last {streak} steps (up to step {self.step}) had a non-finite loss or gradient and were skipped "
+                f"({skipped} in all; train.max_nonfinite_steps={limit}): training diverged. Nothing was saved; the last "
+                f"checkpoint is {last or 'none'}. Lower train.lr (a resume applies it) or check the data, then rerun"
+            )
+
     def _log(self, running: list, writer, bar, elapsed: float) -> None:
         mean = torch.stack(running).mean(0)
         mean = self.accelerator.reduce(mean, reduction="mean") if self.world > 1 else mean
-        loss, diff, align = (float(v) for v in mean)
-        record = {"step": self.step, "loss": loss, "loss_diffusion": diff, "loss_align": align, "seconds": round(elapsed, 3)}
+        loss, diff, align = (float(v) for v in mean)  # non-finite (skipped) steps included: a NaN here is visible
+        skipped, _ = self.guard.counts()  # device counters, read where the loop syncs anyway
+        record = {"step": self.step, "loss": loss, "loss_diffusion": diff, "loss_align": align, "seconds": round(elapsed, 3),
+                  "nonfinite_skipped": skipped}
         self.history.append(record)
         if writer is None:
             return
-        bar.set_postfix(loss=f"{loss:.4f}", align=f"{align:.4f}")
-        scalars = {"loss/total": loss, "loss/diffusion": diff}
+        bar.set_postfix(loss=f"{loss:.4f}", align=f"{align:.4f}", **({"skipped": skipped} if skipped else {}))
+        scalars = {"loss/total": loss, "loss/diffusion": diff, "train/nonfinite_skipped": skipped}
         if self.objective is not None:
             scalars["loss/align"] = align
             grid = (0.0, 0.25, 0.5, 0.75, 1.0)

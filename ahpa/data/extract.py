@@ -49,7 +49,7 @@ from ahpa.data.cache import (
 from ahpa.config import LATENT_GROUP, TEACHER_GROUP
 from ahpa.data.images import ImageFolderDataset, ImageReport, LoadResult
 from ahpa.errors import AhpaError
-from ahpa.io import remove_stale_temps, write_json_atomic
+from ahpa.io import LOCK_FILE, RunLock, check_output_dir, lock_message, remove_stale_temps, write_json_atomic
 from ahpa.priors.base import PriorOutput
 from ahpa.priors.hierarchy import HierarchicalVAEPrior
 from ahpa.priors.vae import vae_downsample_factor
@@ -220,6 +220,36 @@ def _done(out: Path, k: int) -> dict | None:
     return record
 
 
+def damaged_shards(out: Path, checksums: bool = False) -> dict[int, str]:
+    """Shards of a finished cache that do not match its manifest: {k: problem}.  Sizes and
+    safetensors headers always; sha256 with ``checksums``.  An unreadable manifest names every
+    recorded shard whose progress record disagrees (the records are the truth; finalize rewrites it)."""
+    from ahpa.data.cache import _shard_shapes
+    from ahpa.io import file_sha256
+
+    try:
+        shards = read_manifest(out)["shards"]
+    except AhpaError as err:
+        return {-1: str(err)}
+    problems = {}
+    for shard in shards:
+        file = out / shard["file"]
+        k = int(Path(shard["file"]).stem)
+        if not file.is_file():
+            problems[k] = f"{shard['file']} missing"
+        elif file.stat().st_size != shard["bytes"]:
+            problems[k] = f"{shard['file']} has {file.stat().st_size} bytes, the manifest says {shard['bytes']}"
+        else:
+            try:
+                _shard_shapes(file)
+            except Exception as err:  # safetensors / OS errors of a damaged header
+                problems[k] = f"{shard['file']} has an unreadable header ({type(err).__name__})"
+                continue
+            if checksums and file_sha256(file) != shard["sha256"]:
+                problems[k] = f"{shard['file']} does not match its sha256"
+    return problems
+
+
 def finalize(out: Path, plan: dict, num_shards: int) -> dict:
     """Assemble and atomically write the manifest from all shard records."""
     records = [_done(out, k) for k in range(num_shards)]
@@ -301,12 +331,15 @@ def extract_cache(
     stop_after: int | None = None,
     progress: bool = True,
     teacher=None,
+    checksums: bool = False,
 ) -> dict | None:
     """Extract (or resume extracting) this rank's shards; returns the manifest once the cache is complete.
 
     ``stop_after``: return after this many encoder batches, as if killed (tests).
     ``teacher``: a :class:`~ahpa.priors.dinov2.DINOv2Teacher` whose features are stored as group "dinov2".
     Returns None while shards of other ranks are still pending.
+    A finished cache is checked against its manifest (sizes and headers; ``checksums``:
+    also sha256) and exactly its damaged shards are redone.
     """
     if shard_size < 1 or batch_size < 1:
         raise AhpaError("--shard-size and --batch must be at least 1")
@@ -315,6 +348,8 @@ def extract_cache(
     out = Path(out)
     images = ImageFolderDataset(image_dir, resolution)
     plan = _plan(images, prior, resolution, dtype, flip_both, shard_size, order_seed, teacher)
+    if not (out / PLAN).is_file():  # a new cache: refuse one that cannot be written before creating anything
+        check_output_dir(out, "--out", need_bytes=len(images) * plan["bytes_per_image"])
     for sub in ("shards", "progress"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if world == 1:  # plan and manifest have one writer only in a single-process run
@@ -322,9 +357,16 @@ def extract_cache(
         remove_stale_temps(out / MANIFEST)
     _load_plan(out, plan)
     if (out / MANIFEST).is_file():
-        if progress:
-            print(f"ahpa extract: '{out}' is already complete")
-        return read_manifest(out)
+        damaged = damaged_shards(out, checksums)
+        if not damaged:
+            if progress:
+                print(f"ahpa extract: '{out}' is already complete ({'sha256' if checksums else 'sizes and headers'} checked)")
+            return read_manifest(out)
+        print(f"ahpa extract: {len(damaged)} shard(s) of '{out}' are damaged ({next(iter(damaged.values()))}); redoing exactly those")
+        for k in damaged:  # the shard is no longer recorded as done; the manifest (commit point) is rewritten at the end
+            (out / "progress" / f"{k:06d}.json").unlink(missing_ok=True)
+            (out / "shards" / f"{k:06d}.safetensors").unlink(missing_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
     shards = shard_plan(len(images), shard_size, order_seed)
     pending = [k for k in range(len(shards)) if _done(out, k) is None]
     todo = [k for k in pending if k % world == rank]
@@ -395,12 +437,18 @@ def run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"  {problem}")
         if problems:
-            raise AhpaError(f"feature cache '{args.verify}' failed verification ({len(problems)} problem(s) listed above); re-extract it or the listed shards")
+            raise AhpaError(f"feature cache '{args.verify}' failed verification ({len(problems)} problem(s) listed above); "
+                            "rerun the `ahpa extract IMAGE_DIR --out CACHE` command with --checksums to redo exactly the damaged shards")
         manifest = read_manifest(args.verify)
         print(f"ok: {manifest['count']} items in {len(manifest['shards'])} shards ({'sizes and headers' if args.quick else 'sha256'} verified)")
         return 0
     if not args.image_dir or not args.out:
         raise AhpaError("usage: ahpa extract IMAGE_DIR --out CACHE (or ahpa extract --verify CACHE)")
+    for flag, value, low in (("--shard-size", args.shard_size, 1), ("--batch", args.batch, 1), ("--workers", args.workers, 0),
+                             ("--resolution", args.resolution, 8), ("--grid", args.grid, 1)):
+        if value is not None and value < low:
+            raise AhpaError(f"{flag} must be at least {low} (got {value})")
+    check_output_dir(args.out, "--out")
     from ahpa.config import Config, load_config
     from ahpa.priors.vae import load_vae
 
@@ -430,10 +478,15 @@ def run(args: argparse.Namespace) -> int:
         resample=args.resample or cfg.prior.resample,
     )
     workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
-    manifest = extract_cache(
-        args.image_dir, args.out, prior, resolution, dtype=args.dtype, flip_both=args.flip_both,
-        shard_size=args.shard_size, batch_size=args.batch, rank=rank, world=world, workers=workers, teacher=teacher,
-    )  # fmt: skip
+    # one writer per rank of a world size (ranks write disjoint shards); io.RunLock
+    with RunLock(args.out, "ahpa extract", name=LOCK_FILE if world == 1 else f"{LOCK_FILE}.rank{rank}-of-{world}") as lock:
+        if lock_message(lock):
+            print(lock_message(lock))
+        manifest = extract_cache(
+            args.image_dir, args.out, prior, resolution, dtype=args.dtype, flip_both=args.flip_both,
+            shard_size=args.shard_size, batch_size=args.batch, rank=rank, world=world, workers=workers,
+            teacher=teacher, checksums=args.checksums,
+        )  # fmt: skip
     if manifest is not None:
         info = manifest["images"]
         print(
@@ -450,6 +503,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="cache directory (rerun the same command to resume)")
     p.add_argument("--verify", metavar="CACHE", help="check a finished cache (sizes, counts, sha256) instead of extracting")
     p.add_argument("--quick", action="store_true", help="with --verify: sizes and headers only, no sha256")
+    p.add_argument("--checksums", action="store_true",
+                   help="on a finished cache: also check each shard's sha256 (else sizes and headers) and redo the damaged ones")
     p.add_argument("--config", help="YAML config; its data/vae/prior settings are defaults for the flags below")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: config, 256)")
     p.add_argument("--vae", help="VAE: local diffusers dir, cached HF repo id, or 'tiny' (default: config)")

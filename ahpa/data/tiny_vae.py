@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ahpa.data.toy import load_toy
 from ahpa.errors import AhpaError
-from ahpa.io import atomic_dir
+from ahpa.io import atomic_dir, check_output_dir
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_vae"
 RESOLUTION = 32
@@ -88,6 +88,27 @@ def latent_statistics(vae: AutoencoderKL, images: torch.Tensor, seed: int = 0, b
     return {"mean": z.mean().item(), "std": z.std().item(), "kl": kl / z.numel()}
 
 
+def previous_output(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds what ``ahpa train-vae`` writes (and nothing else), so replacing it loses nothing."""
+    names = {p.name for p in out_dir.iterdir()}
+    try:
+        record = json.loads((out_dir / "training.json").read_text())
+    except (OSError, ValueError):
+        return False
+    ours = {"config.json", "diffusion_pytorch_model.safetensors", "training.json"}
+    return names <= ours and isinstance(record, dict) and str(record.get("command", "")).startswith("ahpa train-vae")
+
+
+def check_vae_out(out_dir: str | os.PathLike) -> Path:
+    """Refuse, before training, an ``--out`` that is a file, unwritable, or a non-empty directory
+    that is not a previous train-vae output (the atomic swap would delete its contents)."""
+    out_dir = check_output_dir(out_dir, "--out", need_bytes=16 * 2**20)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not previous_output(out_dir):
+        raise AhpaError(f"--out {out_dir} is a non-empty directory that is not a previous `ahpa train-vae` output; "
+                        "it would be replaced: choose a new or empty directory")
+    return out_dir
+
+
 def _save_atomic(vae: AutoencoderKL, out_dir: Path, record: dict) -> None:
     """Save weights, config and training.json into a temp dir, then rename it into place."""
     with atomic_dir(out_dir, overwrite=True) as tmp:
@@ -115,6 +136,9 @@ def train_tiny_vae(
     """
     if steps < 1 or batch < 1 or lr <= 0 or kl_weight < 0:
         raise AhpaError(f"train-vae needs steps >= 1, batch >= 1, lr > 0, kl_weight >= 0 (got {steps}, {batch}, {lr}, {kl_weight})")
+    if not all(math.isfinite(v) for v in (lr, kl_weight)) or warmup < 1:
+        raise AhpaError(f"train-vae needs finite --lr and --kl-weight and warmup >= 1 (got {lr}, {kl_weight}, {warmup})")
+    check_vae_out(out_dir)
     start = time.time()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -167,6 +191,7 @@ def train_tiny_vae(
         "dtype": "float16",
         "wall_time_s": round(time.time() - start, 1),
     }
+    check_vae_out(out_dir)  # again: the directory may have been filled while training
     _save_atomic(vae.half(), Path(out_dir), record)
     return record
 

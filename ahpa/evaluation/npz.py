@@ -100,11 +100,20 @@ class NpzImages:
         """Another array stored in the file (e.g. labels ``arr_1`` or reference ``mu``)."""
         if key not in self.keys:
             raise AhpaError(f"{self.path} has no array {key!r} (it holds {', '.join(self.keys)})")
-        with np.load(self.path) as data:
-            return data[key]
+        try:
+            with np.load(self.path) as data:
+                return data[key]
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+            raise AhpaError(f"{self.path}: array {key!r} is unreadable ({err}); the file is damaged, rewrite it") from None
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """Consecutive uint8 [b, H, W, 3] batches in file order."""
+        """Consecutive uint8 [b, H, W, 3] batches in file order; AhpaError for damaged data (bad CRC, zlib errors)."""
+        try:
+            yield from self._batches(batch_size)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+            raise AhpaError(f"{self.path} is damaged ({err}); rewrite it (e.g. rerun `ahpa sample`) or fetch it again") from None
+
+    def _batches(self, batch_size: int) -> Iterator[np.ndarray]:
         if self._fortran:  # cannot stream column-major data; ADM loads it whole too
             images = self.load(IMAGES_KEY)
             for start in range(0, len(images), batch_size):
