@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -63,8 +64,9 @@ class TrainingModule(torch.nn.Module):
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ema_params = list(ema.parameters())
-    params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+    from ahpa.distributed import ema_pairs
+
+    ema_params, params = ema_pairs(ema, model)  # FSDP: this rank's rows only (sync_ema gathers)
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
@@ -135,6 +137,8 @@ class Trainer:
         mp = cfg.train.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() else "no"
+        # train.fsdp=true, or an accelerate FSDP config: ahpa shards the model itself (ahpa/distributed.py)
+        self.fsdp = cfg.train.fsdp = cfg.train.fsdp or os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true"
         self.accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
         acc = self.accelerator
         self.device = acc.device
@@ -162,6 +166,7 @@ class Trainer:
             class_dropout=cfg.model.class_dropout,
             learn_sigma=cfg.model.learn_sigma,
         )
+        self.sit.activation_checkpointing = cfg.train.activation_checkpointing
         if self.source.num_classes > cfg.model.num_classes:
             raise AhpaError(f"the data has {self.source.num_classes} classes but model.num_classes={cfg.model.num_classes}; set model.num_classes={self.source.num_classes}")
         self.objective = build_objective(cfg, self.sit, self.source.group_shapes)
@@ -171,10 +176,26 @@ class Trainer:
             time_mean=cfg.transport.time_mean, time_std=cfg.transport.time_std,
         )
         self.module = TrainingModule(self.sit, self.objective, self.transport)
+        if self.fsdp and self.world > 1:  # before the optimizer: sharding replaces the parameters
+            from ahpa.distributed import shard_training_module
+
+            shard_training_module(self.module.to(self.device))
         params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
-        self.prepared, self.optimizer = acc.prepare(self.module, self.optimizer)
+        # fused AdamW on CUDA: one kernel for all parameters, step counts on the device (no host sync)
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
+                                           fused=torch.cuda.is_available())
+        # FSDP shards the objective: router plots and logs read an unsharded copy (ahpa/distributed.py)
+        self.plain_objective = copy.deepcopy(self.objective) if self.fsdp and self.objective is not None else None
+        if self.fsdp and self.world > 1:  # sharded, not DDP-wrapped: accelerate prepares the optimizer only
+            self.prepared, self.optimizer = self.module, acc.prepare(self.optimizer)
+        else:
+            self.prepared, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.forward = torch.compile(self.prepared) if cfg.train.compile else self.prepared
+        if self.fsdp:
+            from ahpa.distributed import is_sharded
+
+            sharded = sum(is_sharded(p) for p in self.module.parameters())
+            acc.print(f"FSDP2: {sharded} of {len(list(self.module.parameters()))} parameter tensors sharded over {self.world} process(es)")
 
         self.step = 0
         self.history: list[dict] = []
@@ -188,7 +209,7 @@ class Trainer:
         if resume:
             ckpt = latest_checkpoint(self.out)
             if ckpt is not None:
-                state, rng = load_checkpoint(ckpt, model=self.sit, ema=self.ema, objective=self.objective, optimizer=self.optimizer)
+                state, rng = load_checkpoint(ckpt, ema=self.ema, **self._load_targets())
                 self.step = int(state["step"])
                 self.history = state.get("history", [])
                 own = rng[self.rank] if self.rank < len(rng) else rng[0]
@@ -229,22 +250,40 @@ class Trainer:
             own["cuda"] = torch.cuda.get_rng_state()
         return self.accelerator.gather_for_metrics([own], use_gather_object=True) if self.world > 1 else [own]
 
+    def _load_targets(self) -> dict:
+        if not self.fsdp:
+            return {"model": self.sit, "objective": self.objective, "optimizer": self.optimizer}
+        from ahpa.distributed import ShardedLoadView, ShardedOptimizerLoadView
+
+        return {"model": ShardedLoadView(self.sit), "optimizer": ShardedOptimizerLoadView(self.optimizer),
+                "objective": ShardedLoadView(self.objective) if self.objective is not None else None}
+
+    def _save_sources(self) -> tuple:
+        """(model, objective, optimizer) for save_checkpoint; under FSDP gathered on every rank."""
+        if not self.fsdp:
+            return self.sit, self.objective, self.optimizer
+        from ahpa.distributed import full_views, sync_ema
+
+        sync_ema(self.ema, self.sit)
+        return full_views(self.sit, self.objective, self.optimizer, self.plain_objective)
+
     def save(self) -> Path | None:
+        model, objective, optimizer = self._save_sources()
         rng = self._rng_states()
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return None
         state = {"step": self.step, "history": self.history}  # the data position is a function of the step
         ckpt = save_checkpoint(
-            self.out, self.step, model=self.sit, ema=self.ema, objective=self.objective, optimizer=self.optimizer,
+            self.out, self.step, model=model, ema=self.ema, objective=objective, optimizer=optimizer,
             rng_states=rng, state=state, meta=self.meta, config_yaml=yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
             keep_last=self.cfg.train.keep_last,
         )
         if self.objective is not None:
             from ahpa.diagnostics.router_plot import plot_router
 
-            plot_router(self.objective, ckpt / "router.png")
-            plot_router(self.objective, self.out / "router.png")
+            plot_router(self.plain_objective or self.objective, ckpt / "router.png")
+            plot_router(self.plain_objective or self.objective, self.out / "router.png")
         self.accelerator.wait_for_everyone()
         return ckpt
 
@@ -298,6 +337,10 @@ class Trainer:
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 self._log(running, writer, bar, time.perf_counter() - t_start)
                 running = []
+            if self.fsdp and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+                from ahpa.distributed import sync_ema
+
+                sync_ema(self.ema, self.sit)  # every rank: the grid needs the whole EMA
             if acc.is_main_process and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                 self.save_sample_grid(self.out / "samples" / f"{self.step:07d}.png")
             if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
@@ -336,6 +379,10 @@ class Trainer:
         loss, diff, align = (float(v) for v in mean)
         record = {"step": self.step, "loss": loss, "loss_diffusion": diff, "loss_align": align, "seconds": round(elapsed, 3)}
         self.history.append(record)
+        if self.plain_objective is not None:  # FSDP: every rank gathers the router weights
+            from ahpa.distributed import full_state_dict
+
+            self.plain_objective.load_state_dict(full_state_dict(self.objective))
         if writer is None:
             return
         bar.set_postfix(loss=f"{loss:.4f}", align=f"{align:.4f}")
@@ -343,7 +390,7 @@ class Trainer:
         if self.objective is not None:
             scalars["loss/align"] = align
             grid = (0.0, 0.25, 0.5, 0.75, 1.0)
-            weights = self.objective.router_weights(torch.tensor(grid, device=self.device))
+            weights = (self.plain_objective or self.objective).router_weights(torch.tensor(grid, device=self.device))
             for name, values in weights.items():  # "gamma/G3": [T], "intra/G3": [T, L]
                 values = torch.as_tensor(values).reshape(len(grid), -1)
                 for i, t in enumerate(grid):
