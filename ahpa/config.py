@@ -117,7 +117,9 @@ class TrainConfig:
     grad_clip: float = 2.0
     ema_decay: float = 0.9999
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
-    compile: bool = False
+    compile: bool = False  # torch.compile of the forward + objective (one graph, no breaks)
+    fsdp: bool = False  # FSDP2 through accelerate (shards parameters, grads, AdamW state); else DDP
+    activation_checkpointing: bool = False  # recompute SiT blocks in backward (L/XL at 512 px)
     tf32: bool = True
     seed: int = 0
     log_every: int = 100

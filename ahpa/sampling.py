@@ -26,9 +26,13 @@ inputs go through the model in one batch; with ``cfg_scale == 1`` (or no
 sample in the interval) the batch is not doubled.  All latent channels are
 guided, as in REPA (DiT/SiT's ``forward_with_cfg`` guided only the first three).
 
-Seeding: :func:`noise_for_indices` and per-sample SDE generators make sample i
-a function of (seed, i) alone, independent of batch size, batch position and
-the number of processes.
+Seeding: :func:`noise_for_indices` (the initial noise, one CPU generator per
+sample, drawn once per batch) and the SDE step noise make sample i a function
+of (seed, i) alone, independent of batch size, batch position and the number of
+processes.  The step noise is counter-based (:mod:`ahpa.counter_rng`): Philox of
+(the sample's SDE seed from :func:`sde_seeds`, the step, the element), one
+batched call per step.  It replaced one ``torch.Generator`` call per sample per
+step (v0.1): SDE samples of v0.1 are not reproduced; ODE samples are unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ahpa.counter_rng import counter_normal, seed_keys
 from ahpa.errors import AhpaError
 from ahpa.transport import check_path, expand_like, path_coefficients
 
@@ -66,7 +71,8 @@ def noise_for_indices(indices: Sequence[int], seed: int, shape: Sequence[int],
 
 
 def sde_seeds(indices: Sequence[int], seed: int) -> list[int]:
-    """Per-sample seeds of the SDE noise (pass as ``sample(..., seeds=...)``)."""
+    """Per-sample 63-bit seeds of the SDE step noise (pass as ``sample(..., seeds=...)``): the
+    Philox keys of :func:`ahpa.counter_rng.counter_normal`."""
     return [derive_seed(seed, i, SDE_STREAM) for i in indices]
 
 
@@ -183,9 +189,7 @@ def sample(model: nn.Module, y: Tensor, noise: Tensor, *, mode: str = "ode", met
             x = x_next
         return x.to(dtype)
 
-    generators = None
-    if seeds is not None:
-        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    keys = seed_keys(seeds, device) if seeds is not None else None
     grid = sde_time_grid(steps, last_step_size)
     intervals = len(grid) - 1
     for i in range(intervals):
@@ -196,12 +200,12 @@ def sample(model: nn.Module, y: Tensor, noise: Tensor, *, mode: str = "ode", met
         drift = v - 0.5 * w * score_from_velocity(v, x, times(t_cur), path)
         x = x + drift * dt
         if i < intervals - 1:  # the last step is the mean (noise-free) step to t=0
-            x = x + (w * -dt) ** 0.5 * _standard_normal(x, generators)
+            x = x + (w * -dt) ** 0.5 * _standard_normal(x, keys, i)
     return x.to(dtype)
 
 
-def _standard_normal(x: Tensor, generators: list[torch.Generator] | None) -> Tensor:
-    if generators is None:
+def _standard_normal(x: Tensor, keys: Tensor | None, step: int) -> Tensor:
+    """Step noise like ``x``: counter-based per sample (``keys [2, B]``), else the global generator."""
+    if keys is None:
         return torch.randn(x.shape, device=x.device, dtype=torch.float32).to(x.dtype)
-    rows = [torch.randn(x.shape[1:], generator=g, device=x.device, dtype=torch.float32) for g in generators]
-    return torch.stack(rows).to(x.dtype)
+    return counter_normal(keys, step, x.shape[1:], dtype=x.dtype)

@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -64,8 +65,9 @@ class TrainingModule(torch.nn.Module):
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, keep: torch.Tensor | None = None) -> None:
     """ema <- ema + (1 - decay) * keep * (model - ema); ``keep`` (device 0/1) masks a skipped step."""
-    ema_params = list(ema.parameters())
-    params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+    from ahpa.distributed import ema_pairs
+
+    ema_params, params = ema_pairs(ema, model)  # FSDP: this rank's rows only (sync_ema gathers)
     torch._foreach_lerp_(ema_params, params, 1.0 - decay if keep is None else keep * (1.0 - decay))
 
 
@@ -171,6 +173,8 @@ class Trainer:
         mp = cfg.train.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() else "no"
+        # train.fsdp=true, or an accelerate FSDP config: ahpa shards the model itself (ahpa/distributed.py)
+        self.fsdp = cfg.train.fsdp = cfg.train.fsdp or os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true"
         self.accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
         acc = self.accelerator
         self.device = acc.device
@@ -199,6 +203,7 @@ class Trainer:
             class_dropout=cfg.model.class_dropout,
             learn_sigma=cfg.model.learn_sigma,
         )
+        self.sit.activation_checkpointing = cfg.train.activation_checkpointing
         if self.source.num_classes > cfg.model.num_classes:
             raise AhpaError(f"the data has {self.source.num_classes} classes but model.num_classes={cfg.model.num_classes}; set model.num_classes={self.source.num_classes}")
         self.objective = build_objective(cfg, self.sit, self.source.group_shapes)
@@ -208,10 +213,26 @@ class Trainer:
             time_mean=cfg.transport.time_mean, time_std=cfg.transport.time_std,
         )
         self.module = TrainingModule(self.sit, self.objective, self.transport)
-        params = optimizer_param_groups(self.module, cfg)
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
-        self.prepared, self.optimizer = acc.prepare(self.module, self.optimizer)
+        if self.fsdp and self.world > 1:  # before the optimizer: sharding replaces the parameters
+            from ahpa.distributed import shard_training_module
+
+            shard_training_module(self.module.to(self.device))
+        params = optimizer_param_groups(self.module, cfg)  # router lr multiplier: its own group
+        # fused AdamW on CUDA: one kernel for all parameters, step counts on the device (no host sync)
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
+                                           fused=torch.cuda.is_available())
+        # FSDP shards the objective: router plots and logs read an unsharded copy (ahpa/distributed.py)
+        self.plain_objective = copy.deepcopy(self.objective) if self.fsdp and self.objective is not None else None
+        if self.fsdp and self.world > 1:  # sharded, not DDP-wrapped: accelerate prepares the optimizer only
+            self.prepared, self.optimizer = self.module, acc.prepare(self.optimizer)
+        else:
+            self.prepared, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.forward = torch.compile(self.prepared) if cfg.train.compile else self.prepared
+        if self.fsdp:
+            from ahpa.distributed import is_sharded
+
+            sharded = sum(is_sharded(p) for p in self.module.parameters())
+            acc.print(f"FSDP2: {sharded} of {len(list(self.module.parameters()))} parameter tensors sharded over {self.world} process(es)")
 
         self.step = 0
         self.history: list[dict] = []
@@ -227,7 +248,7 @@ class Trainer:
         nonfinite_skipped = 0
         if resume:
             ckpt, loaded = resume_from_latest(self.out, lambda c: load_checkpoint(
-                c, model=self.sit, ema=self.ema, objective=self.objective, optimizer=self.optimizer), log=acc.print)
+                c, ema=self.ema, **self._load_targets()), log=acc.print)
             if ckpt is not None:
                 state, rng = loaded
                 self.step = int(state["step"])
@@ -292,9 +313,10 @@ class Trainer:
         """The config's optimizer settings win over those restored with the optimizer state;
         a change is printed and recorded in the checkpoints' state.json ("resumes")."""
         cfg = self.cfg.train
-        wanted = {"lr": cfg.lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
+        intended = optimizer_param_groups(self.module, self.cfg)  # per-group lr (router multiplier)
         changed = {}
-        for group in self.optimizer.param_groups:
+        for group, plan in zip(self.optimizer.param_groups, intended):
+            wanted = {"lr": plan.get("lr", cfg.lr), "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
             for key, value in wanted.items():
                 before = tuple(group[key]) if key == "betas" else group[key]
                 if before != value:
@@ -347,7 +369,25 @@ class Trainer:
             own["cuda"] = torch.cuda.get_rng_state()
         return self.accelerator.gather_for_metrics([own], use_gather_object=True) if self.world > 1 else [own]
 
+    def _load_targets(self) -> dict:
+        if not self.fsdp:
+            return {"model": self.sit, "objective": self.objective, "optimizer": self.optimizer}
+        from ahpa.distributed import ShardedLoadView, ShardedOptimizerLoadView
+
+        return {"model": ShardedLoadView(self.sit), "optimizer": ShardedOptimizerLoadView(self.optimizer),
+                "objective": ShardedLoadView(self.objective) if self.objective is not None else None}
+
+    def _save_sources(self) -> tuple:
+        """(model, objective, optimizer) for save_checkpoint; under FSDP gathered on every rank."""
+        if not self.fsdp:
+            return self.sit, self.objective, self.optimizer
+        from ahpa.distributed import full_views, sync_ema
+
+        sync_ema(self.ema, self.sit)
+        return full_views(self.sit, self.objective, self.optimizer, self.plain_objective)
+
     def save(self) -> Path | None:
+        model, objective, optimizer = self._save_sources()
         rng = self._rng_states()
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
@@ -355,15 +395,15 @@ class Trainer:
         state = {"step": self.step, "history": self.history,  # the data position is a function of the step
                  "nonfinite_skipped": self.guard.counts()[0], "resumes": self.resumes}
         ckpt = save_checkpoint(
-            self.out, self.step, model=self.sit, ema=self.ema, objective=self.objective, optimizer=self.optimizer,
+            self.out, self.step, model=model, ema=self.ema, objective=objective, optimizer=optimizer,
             rng_states=rng, state=state, meta=self.meta, config_yaml=yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
             keep_last=self.cfg.train.keep_last,
         )
         if self.objective is not None:
             from ahpa.diagnostics.router_plot import plot_router
 
-            plot_router(self.objective, ckpt / "router.png")
-            plot_router(self.objective, self.out / "router.png")
+            plot_router(self.plain_objective or self.objective, ckpt / "router.png")
+            plot_router(self.plain_objective or self.objective, self.out / "router.png")
         self.accelerator.wait_for_everyone()
         return ckpt
 
@@ -433,6 +473,10 @@ class Trainer:
                 with acc.autocast():
                     for key, value in training_gsnr(self.module, x0, batch, self.step, cfg.train.seed).items():
                         writer.add_scalar(key, value, self.step)
+            if self.fsdp and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+                from ahpa.distributed import sync_ema
+
+                sync_ema(self.ema, self.sit)  # every rank: the grid needs the whole EMA
             if acc.is_main_process and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                 self.save_sample_grid(self.out / "samples" / f"{self.step:07d}.png")
             if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
@@ -487,6 +531,10 @@ class Trainer:
         record = {"step": self.step, "loss": loss, "loss_diffusion": diff, "loss_align": align, "seconds": round(elapsed, 3),
                   "nonfinite_skipped": skipped}
         self.history.append(record)
+        if self.plain_objective is not None:  # FSDP: every rank gathers the router weights
+            from ahpa.distributed import full_state_dict
+
+            self.plain_objective.load_state_dict(full_state_dict(self.objective))
         if writer is None:
             return
         bar.set_postfix(loss=f"{loss:.4f}", align=f"{align:.4f}", **({"skipped": skipped} if skipped else {}))
@@ -494,7 +542,7 @@ class Trainer:
         if self.objective is not None:
             scalars["loss/align"] = align
             grid = (0.0, 0.25, 0.5, 0.75, 1.0)
-            weights = self.objective.router_weights(torch.tensor(grid, device=self.device))
+            weights = (self.plain_objective or self.objective).router_weights(torch.tensor(grid, device=self.device))
             for name, values in weights.items():  # "gamma/G3": [T], "intra/G3": [T, L]
                 values = torch.as_tensor(values).reshape(len(grid), -1)
                 for i, t in enumerate(grid):

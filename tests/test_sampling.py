@@ -81,7 +81,7 @@ def sde_moments(model: nn.Module, monkeypatch, noise_scale: float = 1.0, **kwarg
     noise[1 : 1 + D] = torch.eye(D)
     calls = []
 
-    def unit_step_noise(x, generators):
+    def unit_step_noise(x, keys, step):
         k = len(calls)
         calls.append(k)
         xi = torch.zeros(batch, D, dtype=torch.float64)

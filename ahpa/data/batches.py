@@ -62,10 +62,11 @@ class BatchSource:
 
     # -- latent normalisation (SPEC section 5; iREPA's per-channel option) ------
     def _set_scale_from_vae(self) -> None:
-        from ahpa.priors.vae import vae_scaling_factor
+        from ahpa.priors.vae import vae_scaling_factor, vae_shift_factor
 
         self.scale = self.cfg.vae.scaling_factor or vae_scaling_factor(self.vae)
-        self.shift = 0.0
+        shift = vae_shift_factor(self.vae)  # SD3/FLUX VAEs: z = (x - shift) * scale, per channel in the meta
+        self.shift = torch.full((self.vae.config.latent_channels,), shift) if shift else 0.0
 
     @property
     def latent_scale_scalar(self) -> float | None:

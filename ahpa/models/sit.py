@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ahpa.errors import AhpaError
@@ -196,6 +197,9 @@ class SiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        # Recompute each block's activations in the backward pass (train.activation_checkpointing):
+        # memory for L/XL at 512 px; the hidden states handed to the alignment objective are unchanged.
+        self.activation_checkpointing = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -255,7 +259,10 @@ class SiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         hidden = {}
         for depth, block in enumerate(self.blocks, start=1):
-            x = block(x, c)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
             if depth in hidden_depths:
                 hidden[depth] = x
         out = self.unpatchify(self.final_layer(x, c))

@@ -35,6 +35,7 @@ which reads only the 2x2 pixels around each token centre when downsampling.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Sequence
@@ -45,7 +46,7 @@ from diffusers import AutoencoderKL
 
 from ahpa.errors import AhpaError
 from ahpa.priors.base import PriorOutput
-from ahpa.priors.vae import encoder_hash
+from ahpa.priors.vae import check_encoder, encoder_hash, vae_in_channels
 
 GROUPS = ("G1", "G2", "G3", "G4")
 GROUPINGS = ("auto", "sd_vae", "resolution")
@@ -71,6 +72,38 @@ SD_VAE_CONFIG = MappingProxyType(
 )
 
 # SPEC section 2 table / Table A.8: SD-VAE's 15 encoder layers and their output widths.
+# Other encoders of App. B, transcribed from their config.json (diffusers kwargs; tests build
+# randomly initialised copies).  SDXL-VAE, SD3 and FLUX keep SD-VAE's encoder layout; the 16-channel
+# ones change the latent width, scale and shift and drop quant_conv.
+_SD_LAYOUT = {k: SD_VAE_CONFIG[k] for k in ("in_channels", "out_channels", "down_block_types", "up_block_types",
+                                            "block_out_channels", "layers_per_block", "act_fn", "norm_num_groups")}
+SDXL_VAE_CONFIG = MappingProxyType(  # stabilityai/sdxl-vae
+    {**_SD_LAYOUT, "latent_channels": 4, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+)
+SD3_VAE_CONFIG = MappingProxyType(  # stabilityai/stable-diffusion-3-medium-diffusers, vae/
+    {**_SD_LAYOUT, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+     "force_upcast": True, "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True}
+)
+FLUX_VAE_CONFIG = MappingProxyType(  # black-forest-labs/FLUX.1-dev, vae/
+    {**_SD_LAYOUT, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+     "force_upcast": True, "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True}
+)
+# openai/consistency-decoder (diffusers ConsistencyDecoderVAE): SD-VAE's encoder, a UNet consistency decoder.
+CONSISTENCY_DECODER_CONFIG = MappingProxyType(
+    {
+        "scaling_factor": 0.18215, "latent_channels": 4, "sample_size": 32,
+        "encoder_act_fn": "silu", "encoder_block_out_channels": (128, 256, 512, 512), "encoder_double_z": True,
+        "encoder_down_block_types": ("DownEncoderBlock2D",) * 4, "encoder_in_channels": 3,
+        "encoder_layers_per_block": 2, "encoder_norm_num_groups": 32, "encoder_out_channels": 4,
+        "decoder_add_attention": False, "decoder_block_out_channels": (320, 640, 1024, 1024),
+        "decoder_down_block_types": ("ResnetDownsampleBlock2D",) * 4, "decoder_downsample_padding": 1,
+        "decoder_in_channels": 7, "decoder_layers_per_block": 3, "decoder_norm_eps": 1e-5,
+        "decoder_norm_num_groups": 32, "decoder_num_train_timesteps": 1024, "decoder_out_channels": 6,
+        "decoder_resnet_time_scale_shift": "scale_shift", "decoder_time_embedding_type": "learned",
+        "decoder_up_block_types": ("ResnetUpsampleBlock2D",) * 4,
+    }
+)
+
 SD_VAE_LAYERS = (
     "encoder.conv_in",
     "encoder.down_blocks.0.resnets.0",
@@ -194,6 +227,7 @@ class HierarchicalVAEPrior:
             raise AhpaError(f"unknown prior resample {resample!r}; choose one of {', '.join(RESAMPLES)}")
         if grid < 1:
             raise AhpaError(f"prior grid must be a positive token-grid side, got {grid}")
+        check_encoder(vae)
         self.vae = vae
         self.grid = grid
         self.resample = resample
@@ -236,17 +270,22 @@ class HierarchicalVAEPrior:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> PriorOutput:
-        channels = self.vae.config.in_channels
+        channels = vae_in_channels(self.vae)
         if images.ndim != 4 or images.shape[1] != channels or not images.is_floating_point():
             raise AhpaError(
                 f"prior expects float images in [-1, 1], [B, {channels}, H, W]; got {images.dtype} {tuple(images.shape)}"
             )
-        if self.vae.use_tiling:
+        if getattr(self.vae, "use_tiling", False):
             raise AhpaError("tiled VAE encoding splits the feature maps; call vae.disable_tiling() before extraction")
         outputs: dict[str, list[torch.Tensor]] = {path: [] for path in self._hooked}
         handles = [module.register_forward_hook(self._hook(outputs[p])) for p, module in self._hooked.items()]
+        device = self.vae.device
+        # float16 autocast overflows SDXL-VAE's activations (force_upcast): encode in float32 then
+        upcast = (getattr(self.vae.config, "force_upcast", True) and torch.amp.is_autocast_available(device.type)
+                  and torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16)
         try:
-            posterior = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+            with torch.autocast(device.type, enabled=False) if upcast else nullcontext():
+                posterior = self.vae.encode(images.to(device, self.vae.dtype)).latent_dist
         finally:
             for handle in handles:
                 handle.remove()

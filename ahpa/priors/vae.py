@@ -1,5 +1,15 @@
 """Loading the frozen VAE (SPEC section 2) and fingerprinting its encoder.
 
+Any diffusers autoencoder whose ``encoder`` is diffusers' convolutional
+``Encoder`` (conv_in, DownEncoderBlock2D stages, mid block) and whose
+``encode()`` returns a ``latent_dist`` is a prior (App. B): ``AutoencoderKL``
+(SD-VAE, SDXL-VAE, the 16-channel SD3/FLUX VAEs), ``ConsistencyDecoderVAE``
+(OpenAI's consistency decoder, SD-VAE's encoder), or another class of that
+structure named by ``_class_name`` in ``config.json``.  A VAE whose config
+sets ``force_upcast`` (SDXL-VAE: its activations overflow float16) is loaded in
+float32 when float16 is asked for, as diffusers' pipelines do, and encodes in
+float32 under float16 autocast (:mod:`ahpa.priors.hierarchy`).
+
 ``load_vae`` accepts three kinds of ``path`` and never touches the network:
 
 - ``"tiny"``: the project's own tiny VAE in ``ahpa/assets/tiny_vae/`` (``ahpa train-vae``);
@@ -31,7 +41,7 @@ _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 def load_vae(
     path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> AutoencoderKL:
-    """Load a frozen ``AutoencoderKL`` (eval mode, no gradients) from a local source."""
+    """Load a frozen diffusers VAE (eval mode, no gradients) from a local source (module docstring)."""
     path = str(path)
     if path == "tiny":
         directory = _diffusers_dir(
@@ -44,11 +54,45 @@ def load_vae(
             Path(path).expanduser(),
             "pass a diffusers AutoencoderKL directory, a Hugging Face repo id in the local cache, or 'tiny'",
         )
+    cls = vae_class(directory)
+    if dtype == torch.float16 and _config(directory).get("force_upcast", True):
+        dtype = torch.float32  # SDXL-VAE overflows in float16 (its config: force_upcast)
     try:
-        vae = AutoencoderKL.from_pretrained(directory, local_files_only=True, torch_dtype=dtype)
+        vae = cls.from_pretrained(directory, local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError) as e:
-        raise AhpaError(f"cannot load an AutoencoderKL from {directory}: {e}") from e
+        raise AhpaError(f"cannot load a {cls.__name__} from {directory}: {e}") from e
+    check_encoder(vae, str(directory))
     return vae.requires_grad_(False).eval().to(device=device)
+
+
+def _config(directory: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AhpaError(f"{directory / 'config.json'} is not readable JSON ({e}); re-download the VAE") from None
+
+
+def vae_class(directory: Path) -> type:
+    """The diffusers class named by ``config.json`` (``_class_name``; default ``AutoencoderKL``)."""
+    import diffusers
+
+    name = _config(directory).get("_class_name", "AutoencoderKL")
+    cls = getattr(diffusers, str(name), None)
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        raise AhpaError(f"{directory / 'config.json'} names class {name!r}, which diffusers does not provide; "
+                        "pass a diffusers autoencoder such as AutoencoderKL or ConsistencyDecoderVAE")
+    return cls
+
+
+def check_encoder(vae: torch.nn.Module, where: str = "the VAE") -> None:
+    """Refuse autoencoders without diffusers' convolutional ``Encoder`` (the layers the priors hook)."""
+    from diffusers.models.autoencoders.vae import Encoder
+
+    if not isinstance(getattr(vae, "encoder", None), Encoder) or not hasattr(vae, "encode"):
+        raise AhpaError(f"{where} ({type(vae).__name__}) has no diffusers convolutional Encoder (conv_in, down_blocks, "
+                        "mid_block) and encode(); hierarchical priors need one (App. B), e.g. AutoencoderKL")
 
 
 def _diffusers_dir(directory: Path, hint: str) -> Path:
@@ -82,13 +126,23 @@ def _hub_cache_dir(repo_id: str) -> Path:
 
 
 def vae_downsample_factor(vae: AutoencoderKL) -> int:
-    """Pixels per latent cell along one side: 2 ** (number of down blocks - 1), 8 for SD-VAE."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """Pixels per latent cell along one side: 2 ** (number of encoder downsamplers), 8 for SD-VAE."""
+    return 2 ** sum(1 for block in vae.encoder.down_blocks if block.downsamplers)
 
 
 def vae_scaling_factor(vae: AutoencoderKL) -> float:
-    """The latent scaling factor of the VAE config (0.18215 for SD-VAE)."""
+    """The latent scaling factor of the VAE config (0.18215 SD-VAE, 0.13025 SDXL, 1.5305 SD3, 0.3611 FLUX)."""
     return float(vae.config.scaling_factor)
+
+
+def vae_shift_factor(vae: AutoencoderKL) -> float:
+    """The latent shift of the VAE config (0 when absent; 0.0609 SD3, 0.1159 FLUX): z = (x - shift) * scale."""
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def vae_in_channels(vae: AutoencoderKL) -> int:
+    """Image channels the encoder takes (3)."""
+    return int(vae.encoder.conv_in.in_channels)
 
 
 def encoder_hash(vae: AutoencoderKL) -> str:
@@ -97,7 +151,8 @@ def encoder_hash(vae: AutoencoderKL) -> str:
     Identifies the teacher in feature-cache manifests: any changed weight changes it.
     """
     digest = hashlib.sha256()
-    parts = [("encoder", vae.encoder)] + ([("quant_conv", vae.quant_conv)] if vae.quant_conv is not None else [])
+    quant_conv = getattr(vae, "quant_conv", None)
+    parts = [("encoder", vae.encoder)] + ([("quant_conv", quant_conv)] if quant_conv is not None else [])
     tensors = {f"{prefix}.{k}": v for prefix, module in parts for k, v in module.state_dict().items()}
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
