@@ -85,14 +85,16 @@ def test_forward_equals_the_official_architecture_on_official_weights(tmp_path, 
     got = teacher(images)
     assert got.shape == (1, grid * grid, teacher.embed_dim)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # the same tensors as timm's file (model.safetensors, timm names) give the same teacher
-    timm_state = {k: v.contiguous() for k, v in DINOv2Teacher(name, grid=37, weights=str(path)).model.state_dict().items()}
-    save_file(timm_state, tmp_path / "model.safetensors")
-    torch.testing.assert_close(DINOv2Teacher(name, grid=grid, weights=str(tmp_path / "model.safetensors"))(images), got, rtol=1e-5, atol=1e-5)
+    if name == "dinov2_vitb14":  # B/14 is proven above; the rest is checked on the small model
+        return
     # feature layout of a prior group: [B, 1, D, grid, grid], token i * grid + j at (i, j)
     feats = teacher.grid_features(images)
     assert feats.shape == (1, 1, teacher.embed_dim, grid, grid)
     torch.testing.assert_close(feats[0, 0, :, 1, 0], got[0, grid])
+    # the same tensors as timm's file (model.safetensors, timm names) give the same teacher
+    timm_state = {k: v.contiguous() for k, v in DINOv2Teacher(name, grid=37, weights=str(path)).model.state_dict().items()}
+    save_file(timm_state, tmp_path / "model.safetensors")
+    torch.testing.assert_close(DINOv2Teacher(name, grid=grid, weights=str(tmp_path / "model.safetensors"))(images), got, rtol=1e-5, atol=1e-5)
 
 
 def _cubic(x: float, a: float = -0.75) -> float:
