@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         # the previous outputs intact (io.py); one line, like any other bad input.
         if err.errno not in _WRITE_ERRNOS:
             raise
-        print(f"ahpa {args.command}: error: cannot write {err.filename or 'an output'}: {err.strerror}; "
-              "free space or choose a writable --out, then rerun (finished work resumes)", file=sys.stderr)
+        print(f"ahpa {args.command}: error: {err.filename or 'a file'}: {err.strerror}; free space or choose a "
+              "writable --out (or fix the file's permissions), then rerun: finished work resumes", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ahpa {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

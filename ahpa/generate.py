@@ -259,7 +259,8 @@ def run(args: argparse.Namespace) -> int:
                           path=args.path or meta.get("path", "linear"))
     from ahpa.priors.vae import vae_downsample_factor
 
-    side = meta["input_size"] * vae_downsample_factor(vae)
+    config = getattr(vae, "config", None)  # a diffusers VAE; other decoders: SD-VAE's factor 8
+    side = meta["input_size"] * (vae_downsample_factor(vae) if config is not None and hasattr(config, "block_out_channels") else 8)
     lock = _lock_sample_dir(Path(args.out), state, need_bytes=assembly_bytes(Path(args.out), args.num, side, args.png))
     try:
         if state.is_main_process:
