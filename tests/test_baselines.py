@@ -70,7 +70,8 @@ def test_config_inheritance(tmp_path):
 
 
 def test_every_config_loads_and_the_baselines_have_their_recipes():
-    files = sorted(CONFIGS.rglob("*.yaml"))
+    # run configs only: configs/accelerate/ holds accelerate's files, configs/studies/ study definitions
+    files = sorted(f for f in CONFIGS.rglob("*.yaml") if f.parent.name not in ("accelerate", "studies"))
     assert len(files) >= 50
     outs = set()
     for f in files:
