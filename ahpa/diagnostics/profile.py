@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ahpa.config import PRESETS, Config, load_config
+from ahpa.config import LATENT_GROUP, PRESETS, TEACHER_GROUP, VAE_GROUPS, Config, load_config
 from ahpa.errors import AhpaError
 from ahpa.io import write_json_atomic
 
@@ -58,8 +58,6 @@ TIMM_DINOV2 = {
     "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2", "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
     "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2", "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2",
 }
-DEFAULT_TEACHER = "dinov2_vitb14"
-TEACHER_GROUP = "dinov2"  # feature-dict key of the teacher tokens, [B, 1, D, grid, grid]
 # FlopCounterMode ops that are attention matmuls (fused SDPA kernels, or bmm of the math path).
 _ATTENTION_OPS = ("bmm", "baddbmm", "scaled_dot_product", "flash_attention", "efficient_attention", "flex_attention")
 
@@ -160,15 +158,22 @@ def load_method(method: str, model: str, resolution: int, overrides: list[str]) 
     latent = resolution // factor
     grid = latent // patch
     shapes: dict[str, tuple[int, int]] = {}
-    if cfg.align.method != "vanilla" and cfg.prior.kind == "vae_hierarchy":
+    aligned = cfg.align.method != "vanilla" and cfg.prior.kind != "none"
+    vae_groups = [g for g in cfg.prior.groups if g in VAE_GROUPS] if aligned else []
+    if vae_groups:
         from ahpa.priors.hierarchy import HierarchicalVAEPrior
 
-        prior = HierarchicalVAEPrior(vae, groups=cfg.prior.groups, grid=grid, grouping=cfg.prior.grouping,
+        prior = HierarchicalVAEPrior(vae, groups=vae_groups, grid=grid, grouping=cfg.prior.grouping,
                                      split=cfg.prior.split, resample=cfg.prior.resample)
         shapes.update(prior.group_shapes)
-    teacher = teacher_name(cfg)
+    if aligned and LATENT_GROUP in cfg.prior.groups:  # SRA2 reconstruction: a function of the latent
+        from ahpa.priors.latent import latent_group_shape
+
+        shapes[LATENT_GROUP] = latent_group_shape((vae.config.latent_channels, latent, latent), grid, cfg.prior.latent_target)
+    teacher = teacher_name(cfg) if aligned else None
     if teacher is not None:
         shapes[TEACHER_GROUP] = (1, _teacher_width(teacher))
+    shapes = {g: shapes[g] for g in cfg.prior.groups if g in shapes}  # the objective's target order
     label = Path(method).stem if method.endswith((".yaml", ".yml")) else method
     return Method(label, str(path), cfg, (vae.config.latent_channels, latent, latent), shapes, teacher)
 
@@ -209,13 +214,10 @@ def _vae_architecture(cfg: Config):
 def teacher_name(cfg: Config) -> str | None:
     """The DINOv2 teacher a config trains with (REPA), or None.
 
-    Read from ``prior.kind`` / ``align.method`` and, when the config has one, a
-    ``prior.teacher`` key holding the hub name (default ``dinov2_vitb14``)."""
-    named = getattr(cfg.prior, "teacher", None)
-    if isinstance(named, str) and named.startswith("dinov2"):
-        return named
-    if "dinov2" in cfg.prior.kind or cfg.align.method == "repa":
-        return DEFAULT_TEACHER
+    A config trains with one when ``prior.groups`` holds the teacher group (``dinov2``); its name is
+    ``teacher.model``."""
+    if TEACHER_GROUP in cfg.prior.groups or cfg.align.method == "repa":
+        return cfg.teacher.model
     return None
 
 
@@ -225,44 +227,13 @@ def _teacher_width(name: str) -> int:
     return {"s": 384, "b": 768, "l": 1024, "g": 1536}[name.split("_vit")[1][0]]
 
 
-class TimmDINOv2(nn.Module):
-    """Randomly initialised DINOv2 of the real architecture (timm), REPA's teacher interface:
-    uint8 images -> /255 -> ImageNet mean/std -> bicubic resize -> normalised patch tokens.
-    The fallback while ``ahpa.priors.dinov2`` is absent; the cost does not depend on the weights."""
-
-    def __init__(self, name: str, grid: int):
-        super().__init__()
-        import timm
-
-        _teacher_width(name)
-        self.input_size = 14 * grid  # patch 14 on the token grid: 224 at 256 px, 448 at 512 px
-        self.model = timm.create_model(TIMM_DINOV2[name], pretrained=False, img_size=self.input_size, num_classes=0)
-        self.embed_dim = self.model.embed_dim
-        self.register_buffer("mean", torch.tensor(self.model.pretrained_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(self.model.pretrained_cfg["std"]).view(1, 3, 1, 1), persistent=False)
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() / 255.0 - self.mean) / self.std
-        return F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(self.preprocess(images))[:, self.model.num_prefix_tokens:]
-
-
 def build_teacher(name: str, grid: int) -> nn.Module:
-    """REPA's frozen teacher for cost purposes: ``ahpa.priors.dinov2.random_teacher(name, grid)``
-    when the REPA prior provides it, else :class:`TimmDINOv2`."""
-    try:
-        from ahpa.priors import dinov2
-    except ImportError:
-        dinov2 = None
-    if dinov2 is not None and hasattr(dinov2, "random_teacher"):
-        teacher = dinov2.random_teacher(name, grid)
-        teacher.source = f"ahpa.priors.dinov2 {name}, randomly initialised"
-    else:
-        teacher = TimmDINOv2(name, grid)
-        teacher.source = f"timm {TIMM_DINOV2[name]} at {teacher.input_size} px, randomly initialised"
+    """REPA's frozen teacher for cost purposes: the project's DINOv2 prior, randomly initialised
+    (the real architecture; the cost does not depend on the weights)."""
+    from ahpa.priors.dinov2 import DINOv2Teacher
+
+    teacher = DINOv2Teacher(name, grid=grid, weights="random").to(torch.get_default_device())  # meta when counting
+    teacher.source = f"ahpa.priors.dinov2 {name} at {teacher.input_size} px, randomly initialised"
     return teacher.requires_grad_(False).eval()
 
 
