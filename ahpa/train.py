@@ -213,6 +213,8 @@ class Trainer:
             time_mean=cfg.transport.time_mean, time_std=cfg.transport.time_std,
         )
         self.module = TrainingModule(self.sit, self.objective, self.transport)
+        # FSDP shards the objective: router plots and logs read an unsharded copy (ahpa/distributed.py)
+        self.plain_objective = copy.deepcopy(self.objective) if self.fsdp and self.objective is not None else None
         if self.fsdp and self.world > 1:  # before the optimizer: sharding replaces the parameters
             from ahpa.distributed import shard_training_module
 
@@ -221,8 +223,6 @@ class Trainer:
         # fused AdamW on CUDA: one kernel for all parameters, step counts on the device (no host sync)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
                                            fused=torch.cuda.is_available())
-        # FSDP shards the objective: router plots and logs read an unsharded copy (ahpa/distributed.py)
-        self.plain_objective = copy.deepcopy(self.objective) if self.fsdp and self.objective is not None else None
         if self.fsdp and self.world > 1:  # sharded, not DDP-wrapped: accelerate prepares the optimizer only
             self.prepared, self.optimizer = self.module, acc.prepare(self.optimizer)
         else:

@@ -49,9 +49,10 @@ def test_real_architectures_group_widths_and_resolutions(name, size):
     assert vae_scaling_factor(vae) == scale and vae_shift_factor(vae) == shift
     assert vae_downsample_factor(vae) == 8 and resolve_grouping(vae) == "sd_vae"  # SD-VAE's 15-layer encoder
     grid = size // 16
+    # (layers, channels, raw side of the first layer, raw side of the last layer) for a size x size image
     expected = {
-        "sd_vae": {"G3": (4, 512, size // 8), "G4": (4, 512, size // 32)},  # 4/4 split (Table A.8)
-        "resolution": {"G3": (2, 512, size // 4), "G4": (6, 512, size // 8)},  # App. B: lowest resolution = G4
+        "sd_vae": {"G3": (4, 512, size // 4, size // 8), "G4": (4, 512, size // 8, size // 8)},  # 4/4 (Table A.8)
+        "resolution": {"G3": (2, 512, size // 4, size // 4), "G4": (6, 512, size // 8, size // 8)},  # App. B
     }
     for grouping, groups in expected.items():
         prior = HierarchicalVAEPrior(vae, groups=("G3", "G4"), grid=grid, grouping=grouping)
@@ -61,12 +62,11 @@ def test_real_architectures_group_widths_and_resolutions(name, size):
         out = prior(torch.empty(2, 3, size, size, device="meta"))
         for h in handles:
             h.remove()
-        assert prior.group_shapes == {g: (L, C) for g, (L, C, _) in groups.items()}
-        for g, (L, C, side) in groups.items():
-            if grouping == "sd_vae":  # G3 of the 4/4 split spans two resolutions: its first layer is at size/8
-                side = size // 8 if g == "G3" else size // 32
+        assert prior.group_shapes == {g: (L, C) for g, (L, C, _, _) in groups.items()}
+        for g, (L, C, first, last) in groups.items():
             sides = [raw[l.path].shape[-1] for l in prior.layers[g]]
-            assert sides[0] == side and sides[-1] == (size // 32 if g == "G4" or grouping == "sd_vae" else side)
+            assert (sides[0], sides[-1]) == (first, last), (grouping, g, sides)
+            assert {raw[l.path].shape[1] for l in prior.layers[g]} == {C}
             assert tuple(out.features[g].shape) == (2, L, C, grid, grid)
         assert tuple(out.latent_mean.shape) == (2, latent_channels, size // 8, size // 8)
 
