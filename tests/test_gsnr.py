@@ -190,7 +190,7 @@ def test_cli_fresh_init_router_equals_uniform_and_outputs(tmp_path, small_toy, c
     (["--n", "1"], "at least 2"),
     (["--target", "cosine:G3"], "unknown --target"),
     (["--t", "0.5,1.5"], "[0, 1]"),
-    (["--target", "uniform:G9"], "do not exist for this encoder"),
+    (["--target", "uniform:G9"], "provides no features"),
     (["--target", "uniform:latent"], "provides no features ['latent']"),
     (["--params", "block:40"], "outside"),
 ])
