@@ -49,6 +49,8 @@ class NonFiniteGuard:
         """Device bool scalar: the step is non-finite (on any rank).  Updates the counters."""
         finite = torch.isfinite(loss.detach().float()).all()
         if isinstance(grad_norm, Tensor):
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: clip_grad_norm_ returns a DTensor; reduce a plain tensor
+                grad_norm = grad_norm.full_tensor()
             finite = finite & torch.isfinite(grad_norm.detach().float()).all()
         found = ~finite
         if self.reduce is not None:
