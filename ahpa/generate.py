@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ahpa.errors import AhpaError
 from ahpa.evaluation.npz import save_npz_atomic, to_uint8
-from ahpa.io import RunLock, atomic_open, check_output_dir, lock_message, remove_temps_in, write_json_atomic
+from ahpa.io import RunLock, atomic_open, check_output_dir, lock_on_main_rank, remove_temps_in, write_json_atomic
 from ahpa.priors.base import denormalize_latent
 from ahpa.sampling import noise_for_indices, sample, sde_seeds
 
@@ -316,24 +316,9 @@ def assembly_bytes(out_dir: Path, num: int, side: int, png: bool = False) -> int
 
 def _lock_sample_dir(out: Path, state, need_bytes: int) -> RunLock | None:
     """Rank 0 checks the space and locks OUT; every rank learns the outcome (one collective)."""
-    lock, error = None, None
-    if state.is_main_process:
-        try:
-            check_output_dir(out, "--out", need_bytes=need_bytes)
-            lock = RunLock(out, "ahpa sample").acquire()
-        except AhpaError as err:
-            error = err
-    if state.num_processes > 1:
-        flag = torch.tensor([float(error is not None)], device=state.device)
-        torch.distributed.all_reduce(flag)
-        if float(flag) > 0 and error is None:
-            raise AhpaError(f"{out} cannot be sampled into (rank 0 says why)")
-    if error is not None:
-        raise error
+    lock = lock_on_main_rank(out, "ahpa sample", is_main=state.is_main_process, world=state.num_processes, device=state.device,
+                             check=lambda: check_output_dir(out, "--out", need_bytes=need_bytes))
     if lock is not None:
-        note = lock_message(lock)
-        if note:
-            print(note)
         for sub in (out, out / PARTS_DIR, out / PNG_DIR):  # temporaries of a killed run
             if sub.is_dir():
                 remove_temps_in(sub)

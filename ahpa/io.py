@@ -374,3 +374,32 @@ def lock_message(lock: RunLock) -> str | None:
         return (f"note: took over the stale lock of PID {lock.took_over.get('pid')} on {lock.took_over.get('host')} "
                 f"(no longer running) in {lock.directory}")
     return None
+def lock_on_main_rank(directory, command: str, *, is_main: bool, world: int, device=None, check=None) -> RunLock | None:
+    """Rank 0 takes the run-directory lock (after ``check()``, e.g. an output-path check); every
+    rank learns whether that failed (one all-reduce), so no rank is left waiting. Prints a
+    takeover note once. Returns the lock on rank 0, None elsewhere."""
+    from ahpa.errors import AhpaError
+
+    lock, error = None, None
+    if is_main:
+        try:
+            if check is not None:
+                check()
+            lock = RunLock(directory, command).acquire()
+        except AhpaError as err:
+            error = err
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(error is not None)], device=device)
+        dist.all_reduce(flag)
+        if float(flag) > 0 and error is None:
+            raise AhpaError(f"{directory} cannot be used by {command} (rank 0 says why)")
+    if error is not None:
+        raise error
+    if lock is not None and lock_message(lock):
+        print(lock_message(lock))
+    return lock
+
+

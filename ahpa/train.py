@@ -31,7 +31,7 @@ from ahpa.checkpointing import latest_checkpoint, load_checkpoint, resume_from_l
 from ahpa.config import PRESETS, Config, load_config, save_config, to_dict
 from ahpa.data.batches import build_source, step_generator
 from ahpa.errors import AhpaError
-from ahpa.io import RunLock, atomic_open, check_output_dir, lock_message, remove_temps_in, write_json_atomic
+from ahpa.io import RunLock, atomic_open, check_output_dir, lock_on_main_rank, remove_temps_in, write_json_atomic
 from ahpa.models.sit import SiT, build_sit
 from ahpa.transport import Transport
 
@@ -279,22 +279,8 @@ class Trainer:
     def _lock_run_dir(self) -> RunLock | None:
         """Rank 0 locks OUT exclusively; every rank learns whether it could (one collective at setup)."""
         check_output_dir(self.out, "train.out / --out")
-        lock, error = None, None
-        if self.accelerator.is_main_process:
-            try:
-                lock = RunLock(self.out, "ahpa train").acquire()
-            except AhpaError as err:
-                error = err
-        if self.world > 1:
-            failed = self.accelerator.reduce(torch.tensor(float(error is not None), device=self.device), reduction="sum")
-            if float(failed) > 0 and error is None:
-                raise AhpaError(f"{self.out} is in use by another ahpa process (rank 0 names it)")
-        if error is not None:
-            raise error
+        lock = lock_on_main_rank(self.out, "ahpa train", is_main=self.accelerator.is_main_process, world=self.world, device=self.device)
         if lock is not None:
-            note = lock_message(lock)
-            if note:
-                print(note)
             ckpts = sorted((self.out / "checkpoints").glob("[0-9]*")) if (self.out / "checkpoints").is_dir() else []
             for sub in (self.out, self.out / "samples", self.out / "checkpoints", *ckpts):  # temps of killed writers (.router.png.*.tmp, ...)
                 if sub.is_dir():
