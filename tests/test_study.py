@@ -120,10 +120,13 @@ def run_until_stopped(code: str, argv: list[str], timeout: float = 600) -> None:
 
 
 @pytest.mark.slow
-def test_study_killed_during_training_and_evaluation_resumes_to_the_same_results(tmp_path):
+def test_study_killed_during_training_and_evaluation_resumes_to_the_same_results(tmp_path, monkeypatch):
     study = write_study(tmp_path / "tiny.yaml", [{"name": "ahpa", "config": TOY}])  # one run: the kill points are exact
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert cli_main(["study", "--config", str(study), "--out", str(whole)]) == 0
+    # the uninterrupted reference goes through --jobs (its run in a subprocess, logged); the killed one runs in-process
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cli_main(["study", "--config", str(study), "--out", str(whole), "--jobs", "2"]) == 0
+    assert (whole / "logs" / "ahpa-s0.log").is_file() and (whole / "evals" / "ahpa-s0" / "0000004.json").is_file()
     argv = ["study", "--config", str(study), "--out", str(killed)]
     # 1. killed in the middle of the second training segment (before its step-3 checkpoint)
     run_until_stopped(STOP_BEFORE.format(module="ahpa.train", owner="Trainer", name="save", n=3), argv)
