@@ -18,6 +18,7 @@ from helpers import randomised
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"  # inductor's C++ build: minutes here
+COMPILE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def tiny_sit(depth: int = 2) -> nn.Module:
@@ -28,20 +29,27 @@ def tiny_sit(depth: int = 2) -> nn.Module:
     return sit.eval()
 
 
-def draw(model, n: int = 6, steps: int = 4, cfg: float = 1.5):
+def draw(model, n: int = 6, steps: int = 4, cfg: float = 1.5, device: str = "cpu"):
     idx = list(range(n))
-    noise = noise_for_indices(idx, 3, (4, 8, 8))
-    return sample(model, torch.tensor(idx) % 10, noise, mode="sde", steps=steps, cfg_scale=cfg,
+    noise = noise_for_indices(idx, 3, (4, 8, 8), device)
+    return sample(model, torch.tensor(idx, device=device) % 10, noise, mode="sde", steps=steps, cfg_scale=cfg,
                   guidance_interval=(0.0, 0.7), seeds=sde_seeds(idx, 3))
 
 
 def test_compiled_sampling_equals_eager():
     """Guided SDE sampling (batches of 6 and, inside the guidance interval, 12) through the compiled model."""
-    model = tiny_sit(depth=1)  # one block: the compile cost grows with depth, the check does not
-    eager = draw(model)
+    model = tiny_sit(depth=1).to(COMPILE_DEVICE)  # one block: the compile cost grows with depth, the check does not
+    eager = draw(model, device=COMPILE_DEVICE)
     compiled = speed_wrapped(model, compile=True, backend=COMPILE_BACKEND)
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
-    torch.testing.assert_close(draw(compiled), eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(draw(compiled, device=COMPILE_DEVICE), eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (benchmarks/gpu_suite.sh runs it)")
+def test_bf16_sampling_on_cuda_is_close_to_float32():
+    model = tiny_sit().cuda()
+    full, half = draw(model, device="cuda"), draw(speed_wrapped(model, precision="bf16"), device="cuda")
+    assert half.dtype == torch.float32 and 0 < (half - full).abs().max() < 0.2
 
 
 def test_bf16_runs_the_network_in_bf16_and_keeps_the_state_float():

@@ -115,6 +115,18 @@ def test_chunking_keeps_identity_with_two_threads(monkeypatch):
         torch.set_num_threads(1)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (benchmarks/gpu_suite.sh runs it)")
+def test_cuda_noise_equals_cpu_noise_and_is_batch_invariant():
+    """The same Philox words on CUDA (exactly) and the same normals to float64 rounding; bitwise batch invariance."""
+    keys, shape = seed_keys(sde_seeds(range(64), 5)), (4, 32, 32)
+    counter = torch.randint(0, 2**32, (4, 1000), dtype=torch.int64)
+    assert torch.equal(philox4x32(counter.cuda(), keys[:, :1].cuda()).cpu(), philox4x32(counter, keys[:, :1]))
+    gpu = counter_normal(keys.cuda(), [17, 18], shape)
+    torch.testing.assert_close(gpu.cpu(), counter_normal(keys, [17, 18], shape), rtol=1e-12, atol=1e-12)
+    assert torch.equal(counter_normal(keys[:, 20:27].cuda(), [17, 18], shape), gpu[:, 20:27])
+    assert torch.equal(counter_normal(keys[:, 5:6].cuda(), 18, shape), gpu[1, 5:6])
+
+
 class Elementwise(nn.Module):
     """v = a x + b t, elementwise: its output rows never depend on the batch."""
 
