@@ -107,7 +107,7 @@ def counter_normal(keys: Tensor, step: int | Sequence[int], shape, dtype: torch.
     zero = torch.zeros((), dtype=torch.int64, device=device)
     counter = (torch.arange(blocks, dtype=torch.int64, device=device).view(1, 1, blocks),
                torch.tensor(steps, dtype=torch.int64, device=device).view(-1, 1, 1), zero, zero)
-    w0, w1, w2, w3 = _philox_words(counter, keys.to(torch.int64).view(2, 1, batch, 1))
+    w0, w1, w2, w3 = _philox_words(counter, keys.to(torch.int64).reshape(2, 1, batch, 1))
     full = (len(steps), batch, blocks)
     even = torch.stack((w0.expand(full), w2.expand(full))).view(-1)  # [pair, S, B, blocks] flat
     odd = torch.stack((w1.expand(full), w3.expand(full))).view(-1)
