@@ -37,6 +37,7 @@ from ahpa.evaluation.npz import save_npz_atomic, to_uint8
 from ahpa.io import RunLock, atomic_open, check_output_dir, lock_on_main_rank, remove_temps_in, write_json_atomic
 from ahpa.priors.base import denormalize_latent
 from ahpa.sampling import noise_for_indices, sample, sde_seeds
+from ahpa.sampling_speed import PRECISIONS, check_speed_options, manifest_entries, speed_wrapped
 
 PARTS_DIR = "parts"
 PNG_DIR = "png"
@@ -155,7 +156,8 @@ def assemble_samples(out_dir: str | os.PathLike, num: int) -> Path:
 def generate_samples(model: nn.Module, meta: dict, decode_fn: Callable[[Tensor], Tensor], out_dir: str | os.PathLike,
                      num: int, batch: int, sampler_kwargs: dict, seed: int = 0, rank: int = 0, world: int = 1,
                      write_png: bool = False, num_classes: int | None = None,
-                     barrier: Callable[[], None] | None = None) -> Path | None:
+                     barrier: Callable[[], None] | None = None, precision: str = "float32",
+                     compile: bool = False) -> Path | None:
     """Draw this rank's share of samples 0..num-1, then (rank 0) assemble the ``.npz``.
 
     ``meta``: the checkpoint meta (input_size, in_channels, num_classes, latent
@@ -163,6 +165,7 @@ def generate_samples(model: nn.Module, meta: dict, decode_fn: Callable[[Tensor],
     ``[B, 3, H, W]``.  ``sampler_kwargs``: keyword arguments of
     :func:`ahpa.sampling.sample` (mode, method, steps, cfg_scale, guidance_interval, path).
     ``barrier`` (e.g. accelerate's ``wait_for_everyone``) is called before assembling.
+    ``precision``/``compile``: :mod:`ahpa.sampling_speed` (bf16 forwards, torch.compile; off by default).
     Returns the ``.npz`` path on rank 0 once all samples exist, else None.
     """
     check_sampler_arguments(num, batch, sampler_kwargs, seed)
@@ -170,7 +173,9 @@ def generate_samples(model: nn.Module, meta: dict, decode_fn: Callable[[Tensor],
     num_classes = num_classes or meta["num_classes"]
     kwargs = {"time_convention": meta.get("time_convention", "repa"), **sampler_kwargs}
     parts_dir = out_dir / PARTS_DIR
-    settings = {"seed": seed, "num_classes": num_classes, "sampler": kwargs, "model": meta, "weights_sha256": weights_digest(model)}
+    check_speed_options(precision, compile)
+    settings = {"seed": seed, "num_classes": num_classes, "sampler": kwargs, "model": meta, "weights_sha256": weights_digest(model),
+                **manifest_entries(precision, compile)}
     parts_dir.mkdir(parents=True, exist_ok=True)
     _check_manifest(out_dir, settings)
     final = samples_path(out_dir, num)
@@ -181,6 +186,7 @@ def generate_samples(model: nn.Module, meta: dict, decode_fn: Callable[[Tensor],
     todo = [i for i in range(rank, num, world) if i not in done]
     device = next(model.parameters()).device
     shape = (meta["in_channels"], meta["input_size"], meta["input_size"])
+    forward = speed_wrapped(model, precision, compile)
     bar = tqdm(total=len(todo), desc=f"sampling (rank {rank})", unit="img", disable=rank != 0)
     for start in range(0, len(todo), batch):
         indices = todo[start : start + batch]
@@ -188,7 +194,7 @@ def generate_samples(model: nn.Module, meta: dict, decode_fn: Callable[[Tensor],
         noise = noise_for_indices(indices, seed, shape, device)
         seeds = sde_seeds(indices, seed) if kwargs.get("mode") == "sde" else None
         y = torch.tensor(labels, dtype=torch.long, device=device)
-        latents = sample(model, y, noise, seeds=seeds, **kwargs)
+        latents = sample(forward, y, noise, seeds=seeds, **kwargs)
         images = to_uint8(decode_fn(latents_to_vae(latents.float(), meta)))
         if write_png:
             _write_pngs(out_dir / PNG_DIR, indices, images)
@@ -227,6 +233,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="auto: ours/REPA files are 'repa' (t=0 data), other .pt files 'sit' (t=0 noise); override when a file is mislabelled")
     p.add_argument("--png", action="store_true", help="also write png/{index:06d}.png")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="bf16: model forwards under bf16 autocast (the ODE/SDE state stays float64); default float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor); off by default")
     p.set_defaults(func=run)
 
 
@@ -268,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         path = generate_samples(model, meta, lambda x: vae.decode(x.to(vae.dtype)).sample.float(), args.out, args.num,
                                 args.batch, sampler_kwargs, seed=args.seed, rank=state.process_index,
                                 world=state.num_processes, write_png=args.png, num_classes=args.num_classes,
-                                barrier=state.wait_for_everyone)
+                                barrier=state.wait_for_everyone, precision=args.precision, compile=args.compile)
     finally:
         if lock is not None:
             lock.release()

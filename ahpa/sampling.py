@@ -31,7 +31,7 @@ sample, drawn once per batch) and the SDE step noise make sample i a function
 of (seed, i) alone, independent of batch size, batch position and the number of
 processes.  The step noise is counter-based (:mod:`ahpa.counter_rng`): Philox of
 (the sample's SDE seed from :func:`sde_seeds`, the step, the element), one
-batched call per step.  It replaced one ``torch.Generator`` call per sample per
+batched call for a block of steps (:class:`ahpa.counter_rng.StepNoise`).  It replaced one ``torch.Generator`` call per sample per
 step (v0.1): SDE samples of v0.1 are not reproduced; ODE samples are unchanged.
 """
 
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ahpa.counter_rng import counter_normal, seed_keys
+from ahpa.counter_rng import StepNoise, seed_keys
 from ahpa.errors import AhpaError
 from ahpa.transport import check_path, expand_like, path_coefficients
 
@@ -189,9 +189,9 @@ def sample(model: nn.Module, y: Tensor, noise: Tensor, *, mode: str = "ode", met
             x = x_next
         return x.to(dtype)
 
-    keys = seed_keys(seeds, device) if seeds is not None else None
     grid = sde_time_grid(steps, last_step_size)
     intervals = len(grid) - 1
+    step_noise = StepNoise(seed_keys(seeds, device), x.shape[1:], intervals - 1) if seeds is not None else None
     for i in range(intervals):
         t_cur, t_next = grid[i], grid[i + 1]
         dt = (t_next - t_cur).item()
@@ -200,12 +200,12 @@ def sample(model: nn.Module, y: Tensor, noise: Tensor, *, mode: str = "ode", met
         drift = v - 0.5 * w * score_from_velocity(v, x, times(t_cur), path)
         x = x + drift * dt
         if i < intervals - 1:  # the last step is the mean (noise-free) step to t=0
-            x = x + (w * -dt) ** 0.5 * _standard_normal(x, keys, i)
+            x = x + (w * -dt) ** 0.5 * _standard_normal(x, step_noise, i)
     return x.to(dtype)
 
 
-def _standard_normal(x: Tensor, keys: Tensor | None, step: int) -> Tensor:
-    """Step noise like ``x``: counter-based per sample (``keys [2, B]``), else the global generator."""
-    if keys is None:
+def _standard_normal(x: Tensor, step_noise: StepNoise | None, step: int) -> Tensor:
+    """Step noise like ``x``: counter-based per sample, else the global generator."""
+    if step_noise is None:
         return torch.randn(x.shape, device=x.device, dtype=torch.float32).to(x.dtype)
-    return counter_normal(keys, step, x.shape[1:], dtype=x.dtype)
+    return step_noise(step).to(x.dtype)

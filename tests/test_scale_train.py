@@ -20,6 +20,7 @@ from test_train import TOY, _free_port, toy_cfg, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
+COMPILE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # inductor's GPU code, not its slow C++ build
 GROUPS = {"G3": (2, 64), "G4": (6, 64)}  # the tiny VAE's groups at a 4x4 token grid
 
 
@@ -53,8 +54,9 @@ def test_training_step_compiles_as_one_graph_and_equals_eager():
     compiled forward + backward (AOTAutograd's joint graph) gives eager's loss and gradients.
     The ``aot_eager`` backend traces exactly what inductor receives without generating code (inductor's
     C++ build takes minutes on 2 shared cores); the inductor run is the CUDA test of benchmarks/gpu_suite.sh."""
-    module = tiny_module()
-    inputs = tiny_step_inputs()
+    module = tiny_module().to(COMPILE_DEVICE)
+    inputs = tuple({k: v.to(COMPILE_DEVICE) for k, v in x.items()} if isinstance(x, dict) else x.to(COMPILE_DEVICE)
+                   for x in tiny_step_inputs())
     eager_losses, eager_grads = losses_and_grads(module, module, inputs)
     compiled = torch.compile(module, fullgraph=True, backend=COMPILE_BACKEND)  # raises on any graph break
     comp_losses, comp_grads = losses_and_grads(module, compiled, inputs)
