@@ -123,6 +123,12 @@ def _check_resolution(samples: NpzImages, reference: NpzImages) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.coco_ref or args.pickscore:  # text-to-image metrics (Table 5)
+        from ahpa.evaluation.t2i import run_t2i_eval
+
+        return run_t2i_eval(args)
+    if not args.ref:
+        raise AhpaError("--ref REFERENCE.npz is required (or --coco-ref / --pickscore for text-to-image samples)")
     reference = open_npz_images(args.ref)  # bad input is reported before any weights are looked up
     for path in args.samples:
         _check_resolution(open_npz_images(path), reference)
@@ -155,11 +161,15 @@ def register(subparsers) -> None:
         description="ADM's FID / sFID / IS / precision / recall of .npz sample batches against a reference batch (SPEC section 7).",
     )
     parser.add_argument("samples", nargs="+", help="ADM .npz sample batches (arr_0: uint8 NHWC)")
-    parser.add_argument("--ref", required=True, help="reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
+    parser.add_argument("--ref", help="reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
     parser.add_argument("--out", help="JSON file for the results (default: SAMPLES.metrics.json beside each sample file)")
     parser.add_argument("--csv", help="CSV file to append one row per sample file to (default with several files: beside --out, or ./metrics.csv)")
     parser.add_argument("--inception", help="Inception weights: torch-fidelity's .pth or NVIDIA's TorchScript .pt (default: look them up)")
     parser.add_argument("--batch", type=int, default=64, help="images per Inception batch")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"feature cache (default: {default_cache_dir()})")
+    t2i = parser.add_argument_group("text-to-image (paper Table 5)")
+    t2i.add_argument("--coco-ref", help="COCO root: FID against val2014 statistics (built once with the training preprocessing, cached)")
+    t2i.add_argument("--pickscore", help="PickScore_v1 model: local dir or cached HF id (yuvalkirstain/PickScore_v1)")
+    t2i.add_argument("--pickscore-processor", help="its processor (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K, local or cached)")
     parser.set_defaults(func=run)

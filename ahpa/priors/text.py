@@ -113,26 +113,34 @@ class CLIPTextEncoder(nn.Module):
         return {"source": self.source, "width": self.width, "tokens": MAX_TOKENS}
 
 
-def _hub_snapshot(repo_id: str) -> Path | None:
+def _hub_snapshot(repo_id: str, probe: str = "config.json") -> Path | None:
     from huggingface_hub import constants, try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=constants.HF_HUB_CACHE)
+    found = try_to_load_from_cache(repo_id, probe, cache_dir=constants.HF_HUB_CACHE)
     return Path(found).parent if isinstance(found, str) else None
 
 
-def resolve_local_model(path: str, what: str, need_tokenizer: bool = True) -> Path:
-    """A local directory (or cached HF snapshot) holding config, weights and tokenizer files, else one clear error."""
+def resolve_local_model(path: str, what: str, need_tokenizer: bool = True, processor: bool = False) -> Path:
+    """A local directory (or cached HF snapshot) holding config, weights and tokenizer files, else one clear error.
+
+    ``processor``: a processor directory (preprocessor_config.json + tokenizer) instead of a model.
+    """
     directory = Path(path).expanduser()
     if not directory.is_dir():
-        snapshot = _hub_snapshot(path) if "/" in path and not path.startswith((".", "/")) else None
+        probe = "preprocessor_config.json" if processor else "config.json"
+        snapshot = _hub_snapshot(path, probe) if "/" in path and not path.startswith((".", "/")) else None
         if snapshot is None:
             raise AhpaError(f"{what} '{path}' is neither a local directory nor in the Hugging Face cache; on a machine with "
                             f"internet run `hf download {path}` and copy the cache here (HF_HOME), or pass a local directory "
                             f"with config.json, {' or '.join(_WEIGHTS)} and the tokenizer files")
         directory = snapshot
-    missing = [] if (directory / "config.json").is_file() else ["config.json"]
-    if not any((directory / w).is_file() for w in _WEIGHTS):
-        missing.append(" or ".join(_WEIGHTS))
+    if processor:  # a processor needs its image settings and the tokenizer, no weights
+        found = any((directory / f).is_file() for f in ("preprocessor_config.json", "processor_config.json"))
+        missing = [] if found else ["preprocessor_config.json"]
+    else:
+        missing = [] if (directory / "config.json").is_file() else ["config.json"]
+        if not any((directory / w).is_file() for w in _WEIGHTS):
+            missing.append(" or ".join(_WEIGHTS))
     if need_tokenizer and not any(all((directory / f).is_file() for f in files) for files in _TOKENIZER):
         missing.append("vocab.json + merges.txt (or tokenizer.json)")
     if missing:
@@ -150,7 +158,7 @@ def load_clip_text_encoder(path: str = CLIP_L14, device: torch.device | str = "c
     directory = resolve_local_model(path, "CLIP text encoder")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
-        model = CLIPTextModel.from_pretrained(directory, local_files_only=True, torch_dtype=dtype)
+        model = CLIPTextModel.from_pretrained(directory, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as err:
         raise AhpaError(f"cannot load a CLIP text model from {directory}: {err}") from None
     return CLIPTextEncoder(model.to(device), tokenizer, source=str(path))
