@@ -291,6 +291,7 @@ def extract_cache(
     order_seed: int = 0,
     stop_after: int | None = None,
     progress: bool = True,
+    images: ImageFolderDataset | None = None,
 ) -> dict | None:
     """Extract (or resume extracting) this rank's shards; returns the manifest once the cache is complete.
 
@@ -302,7 +303,7 @@ def extract_cache(
     if not 0 <= rank < world:
         raise AhpaError(f"rank {rank} is outside world size {world}")
     out = Path(out)
-    images = ImageFolderDataset(image_dir, resolution)
+    images = images if images is not None else ImageFolderDataset(image_dir, resolution)  # or COCO's (data/coco.py)
     plan = _plan(images, prior, resolution, dtype, flip_both, shard_size, order_seed)
     for sub in ("shards", "progress"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -409,10 +410,24 @@ def run(args: argparse.Namespace) -> int:
         resample=args.resample or cfg.prior.resample,
     )
     workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
+    coco_images = None
+    if args.coco:  # MS-COCO 2014 (App. C): y = image index; caption embeddings go to OUT/text
+        from ahpa.data.coco import CocoImages
+
+        coco_images = CocoImages(args.image_dir, args.split, resolution)
     manifest = extract_cache(
         args.image_dir, args.out, prior, resolution, dtype=args.dtype, flip_both=args.flip_both,
         shard_size=args.shard_size, batch_size=args.batch, rank=rank, world=world, workers=workers,
+        images=coco_images,
     )  # fmt: skip
+    if coco_images is not None and manifest is not None:
+        from ahpa.data.captions import extract_text_cache
+        from ahpa.priors.text import load_clip_text_encoder
+
+        coco = coco_images.coco
+        encoder = load_clip_text_encoder(args.text_encoder or cfg.text.encoder, device=device)
+        extract_text_cache(coco.flat, coco.offsets, encoder, Path(args.out) / "text",
+                           describe={"split": args.split, "file_list_sha256": coco_images.file_list_hash()})
     if manifest is not None:
         info = manifest["images"]
         print(
@@ -442,4 +457,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
     p.add_argument("--batch", type=int, default=32, help="encoder batch size")
     p.add_argument("--workers", type=int, help="image decoding processes (default: min(8, CPUs))")
+    p.add_argument("--coco", action="store_true", help="IMAGE_DIR is an MS-COCO 2014 root: also cache the CLIP embeddings of every caption (OUT/text)")
+    p.add_argument("--split", choices=("train2014", "val2014"), default="train2014", help="COCO split (with --coco)")
+    p.add_argument("--text-encoder", help="CLIP text model for --coco (default: config text.encoder)")
     p.set_defaults(func=run)
