@@ -209,7 +209,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="RUN/checkpoints/<step>/, its ema.safetensors, or a published SiT/REPA .pt")
     p.add_argument("--model", default=None, help="architecture name (e.g. SiT-XL/2) for .pt files; default: inferred")
     p.add_argument("--out", required=True, help="output directory (parts/, samples_N.npz, optional png/)")
-    p.add_argument("--num", type=int, default=50_000, help="number of samples (default 50000)")
+    p.add_argument("--num", type=int, default=None, help="number of samples (default 50000; text-to-image: all prompts)")
     p.add_argument("--batch", type=int, default=64, help="samples per batch per process")
     p.add_argument("--mode", choices=("ode", "sde"), default="ode")
     p.add_argument("--method", choices=("euler", "heun"), default="euler", help="ODE solver (SDE: Euler-Maruyama)")
@@ -227,6 +227,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="auto: ours/REPA files are 'repa' (t=0 data), other .pt files 'sit' (t=0 noise); override when a file is mislabelled")
     p.add_argument("--png", action="store_true", help="also write png/{index:06d}.png")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
+    t2i = p.add_argument_group("text-to-image (MMDiT checkpoints, paper App. C)")
+    t2i.add_argument("--prompts", help="coco-val (first caption of each val2014 image: REPA's 40K protocol), "
+                     "coco-random (--num random val2014 captions, default 30000: U-ViT's protocol), or a text file")
+    t2i.add_argument("--coco", help="COCO root (annotations/captions_val2014.json) for --prompts coco-*")
+    t2i.add_argument("--text-encoder", help="CLIP text model: local dir or cached HF id (default: the checkpoint's)")
     p.set_defaults(func=run)
 
 
@@ -236,6 +241,13 @@ def run(args: argparse.Namespace) -> int:
     from ahpa.models.checkpoints import load_model_for_sampling
     from ahpa.priors.vae import load_vae  # diffusers: imported only when sampling
 
+    from ahpa.generate_t2i import is_t2i_checkpoint, run_t2i
+
+    if is_t2i_checkpoint(args.ckpt):  # an MMDiT: prompts instead of class labels
+        return run_t2i(args)
+    if args.prompts or args.coco or args.text_encoder:
+        raise AhpaError(f"--prompts/--coco/--text-encoder are for text-to-image (MMDiT) checkpoints; {args.ckpt} is a class-conditional model")
+    args.num = 50_000 if args.num is None else args.num
     check_sampler_arguments(args.num, args.batch, dict(steps=args.steps, cfg_scale=args.cfg_scale,
                             guidance_interval=(args.guidance_low, args.guidance_high)), args.seed)
     if args.num_classes is not None and args.num_classes < 1:
