@@ -156,3 +156,26 @@ def test_registry_adaln_zero_and_reference_size():
         tiny(torch.zeros(1, 4, 8, 8), torch.zeros(1), torch.zeros(1, 77, 768), hidden_depths=(7,))
     with pytest.raises(AhpaError, match="text context"):
         tiny(torch.zeros(1, 4, 8, 8), torch.zeros(1), torch.zeros(1, 5, 768))
+
+
+def test_activation_checkpointing_keeps_hidden_tokens_and_gradients(small):
+    """train.activation_checkpointing recomputes the joint blocks: same velocity, hidden tokens and gradients."""
+    import copy
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.rand(2, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 7, 24, generator=g, dtype=torch.float64)
+    results = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(small).train()
+        model.activation_checkpointing = checkpointing
+        v, hidden = model(x, t, y, hidden_depths=(2,), force_drop_ids=torch.zeros(2))
+        (v.square().sum() + hidden[2].sin().sum()).backward()  # an alignment-like loss on the block-2 tokens
+        results.append((v.detach(), hidden[2].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (v0, h0, g0), (v1, h1, g1) = results
+    torch.testing.assert_close(v1, v0, rtol=0, atol=0)
+    torch.testing.assert_close(h1, h0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys() and any(k.startswith("joint_blocks.0.") for k in g0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-12, atol=1e-12, msg=k)

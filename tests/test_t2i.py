@@ -94,23 +94,47 @@ def test_caption_draw_is_deterministic_per_step_and_rank_sliced():
 
 @pytest.fixture
 def small_toy(monkeypatch):
-    """The captioned digits cut to 8 images per caption class (the VAE encoding dominates the cost)."""
+    """The captioned digits cut to 2 images per caption class (the VAE encoding dominates the cost)."""
     from ahpa.data import coco
 
     full = coco.load_captioned_toy
 
     def subset(split="train", resolution=32):
         images, classes, captions = full(split, resolution)
-        keep = torch.cat([torch.nonzero(classes == k).flatten()[:8] for k in range(20)])
+        keep = torch.cat([torch.nonzero(classes == k).flatten()[:2] for k in range(20)])
         return images[keep], classes[keep], captions
 
     monkeypatch.setattr(coco, "load_captioned_toy", subset)
+
+
+def skip_grids(monkeypatch) -> None:
+    """Skip the sample grids and router plots (tested elsewhere): they cost more than a tiny step."""
+    import ahpa.diagnostics.router_plot as router_plot
+
+    monkeypatch.setattr(Trainer, "save_sample_grid", lambda self, path: None)
+    monkeypatch.setattr(router_plot, "plot_router", lambda objective, path: None)
+
+
+@pytest.fixture
+def no_grids(monkeypatch):
+    skip_grids(monkeypatch)
 
 
 def _t2i_cfg(out: Path, clip: Path, *extra: str):
     return load_config(ROOT / "configs" / "toy-t2i.yaml", [
         f"train.out={out}", "train.global_batch=8", "train.log_every=1", "train.ckpt_every=0", "train.grid_steps=1",
         "train.max_minutes=0", f"text.encoder={clip}", "text.context_tokens=8", "sample.steps=1", *extra])
+
+
+def _objective_of(preset: str, depth: int = 2) -> list[str]:
+    """The prior/teacher/align sections of a real COCO config as overrides (aligned block moved into MMDiT-T/2;
+    the teacher is the small random-init DINOv2-S/14 of the real architecture, as configs/toy-repa.yaml)."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "configs" / preset).read_text())
+    out = [f"{section}.{key}={json.dumps(value) if isinstance(value, list) else value}"
+           for section in ("prior", "teacher", "align") for key, value in (data.get(section) or {}).items()]
+    return out + [f"align.depths=[{depth}]", "teacher.model=dinov2_vits14", "teacher.weights=random"]
 
 
 def _weights(run: Path) -> dict:
@@ -121,38 +145,57 @@ def _weights(run: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("method", ["vanilla", "ahpa", "uniform"])
-def test_one_training_step_of_each_objective_on_mmdit(tmp_path, tiny_clip, small_toy, method):
-    extra = ["align.method=vanilla"] if method == "vanilla" else (["align.router=uniform"] if method == "uniform" else [])
+# method -> (overrides on configs/toy-t2i.yaml (AHPA), target groups)
+OBJECTIVES = {
+    "vanilla": (["align.method=vanilla"], None),
+    "ahpa": ([], ["G3", "G4"]),
+    "uniform": (["align.router=uniform"], ["G3", "G4"]),
+    "repa": (_objective_of("mmdit-coco-repa.yaml"), ["dinov2"]),
+    "sra2": (_objective_of("mmdit-coco-sra2.yaml"), ["latent"]),
+}
+
+
+@pytest.mark.parametrize("method", list(OBJECTIVES))
+def test_one_training_step_of_each_objective_on_mmdit(tmp_path, tiny_clip, small_toy, monkeypatch, capsys, method):
+    extra, groups = OBJECTIVES[method]
+    if method != "ahpa":  # one run draws its grids (checked below); the others skip them
+        skip_grids(monkeypatch)
     trainer = Trainer(_t2i_cfg(tmp_path / method, tiny_clip, "train.steps=1", *extra), show_progress=False)
+    assert (trainer.objective is None) == (groups is None)
+    if groups is not None:
+        assert trainer.objective.groups == groups and trainer.objective.depths == [2]
     before = {k: v.clone() for k, v in trainer.sit.state_dict().items()}
     metrics = trainer.run()
     rec = metrics["history"][-1]
     assert metrics["steps"] == 1 and np.isfinite(rec["loss"])
     assert (rec["loss_align"] != 0) == (method != "vanilla")
+    assert ("RANDOMLY INITIALISED" in capsys.readouterr().out) == (method == "repa")
     assert trainer.sit.name == "MMDiT-T/2" and trainer.sit.context_tokens == 8 and trainer.sit.context_dim == 32
     after = trainer.sit.state_dict()
     moved = {k for k in after if not torch.equal(after[k], before[k])}
     assert "final_layer.linear.weight" in moved  # adaLN-Zero: a first step moves the output layer ...
     # ... and, with alignment, the blocks up to the aligned one through the head (vanilla: not yet)
     assert any(k.startswith("joint_blocks.0.") for k in moved) == (method != "vanilla")
+    assert not any(k.startswith("joint_blocks.2.") for k in moved)  # nothing reaches past block 2 in one step
     # the null condition is the empty prompt's embedding, stored with the model
     enc = load_clip_text_encoder(str(tiny_clip))
     torch.testing.assert_close(after["null_context"], enc.null_embedding()[:, :8], rtol=1e-6, atol=1e-6)
-    prompts = (tmp_path / method / "samples.txt").read_text().splitlines()
-    assert len(prompts) == 10 and prompts[0] == "a thin zero"
     meta = json.loads(__import__("safetensors").safe_open(str(latest_checkpoint(tmp_path / method) / "ema.safetensors"), "pt").metadata()["ahpa_meta"])
     assert meta["model"] == "MMDiT-T/2" and meta["context_tokens"] == 8
+    if method == "ahpa":  # one grid row per caption, the captions beside the grid
+        prompts = (tmp_path / method / "samples.txt").read_text().splitlines()
+        assert len(prompts) == 10 and prompts[0] == "a thin zero" and (tmp_path / method / "samples_step0.png").is_file()
 
 
-def test_t2i_resume_is_exact(tmp_path, tiny_clip, small_toy):
-    """Captions are drawn from the step's generator: 4 steps == 2 + resume + 2, bit for bit."""
-    Trainer(_t2i_cfg(tmp_path / "full", tiny_clip, "train.steps=4"), show_progress=False).run()
-    Trainer(_t2i_cfg(tmp_path / "half", tiny_clip, "train.steps=2"), show_progress=False).run()
-    resumed = Trainer(_t2i_cfg(tmp_path / "half", tiny_clip, "train.steps=4"), show_progress=False)
-    assert resumed.step == 2
+def test_t2i_resume_is_exact(tmp_path, tiny_clip, small_toy, no_grids):
+    """Captions are drawn from the step's generator: 2 steps == 1 + resume + 1, bit for bit."""
+    Trainer(_t2i_cfg(tmp_path / "full", tiny_clip, "train.steps=2"), show_progress=False).run()
+    Trainer(_t2i_cfg(tmp_path / "half", tiny_clip, "train.steps=1"), show_progress=False).run()
+    resumed = Trainer(_t2i_cfg(tmp_path / "half", tiny_clip, "train.steps=2"), show_progress=False)
+    assert resumed.step == 1
     resumed.run()
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "half")
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
