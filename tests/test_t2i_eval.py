@@ -13,7 +13,7 @@ from PIL import Image
 from ahpa.cli import main
 from ahpa.errors import AhpaError
 from ahpa.evaluation.t2i import PickScorer, coco_reference_statistics, load_pickscore, pickscore_of_file, sample_prompts
-from test_t2i import _fake_coco, _t2i_cfg, small_toy, tiny_clip  # noqa: F401 (fixtures)
+from test_t2i import _fake_coco, _t2i_cfg, no_grids, small_toy, tiny_clip  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,7 +79,7 @@ def test_coco_reference_statistics_equal_direct(tmp_path):
     assert again[2] == entry and (entry / "stats.npz").is_file()  # built once, then read from the cache
 
 
-def test_t2i_sample_carries_prompts_and_pickscore_reads_them(tmp_path, tiny_clip, small_toy, tiny_pickscore, capsys):
+def test_t2i_sample_carries_prompts_and_pickscore_reads_them(tmp_path, tiny_clip, small_toy, no_grids, tiny_pickscore, capsys):
     from ahpa.train import Trainer
 
     Trainer(_t2i_cfg(tmp_path / "run", tiny_clip, "train.steps=0"), show_progress=False).run()
