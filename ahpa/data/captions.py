@@ -291,6 +291,11 @@ def build_caption_source(cfg: Config, *, device, rank: int, world: int, per_rank
         manifest = store.manifest
         if captions is not None and manifest["captions_sha256"] != _captions_hash(captions):
             raise AhpaError(f"text cache {cfg.text.cache} holds the captions of another annotation file than {cfg.data.path}")
+        images = getattr(inner, "dataset", None)
+        files = images.manifest.get("images", {}).get("file_list_sha256") if hasattr(images, "manifest") else None
+        if files is not None and manifest.get("file_list_sha256") not in (None, files):
+            raise AhpaError(f"text cache {cfg.text.cache} was made for another image list than the feature cache {cfg.data.path}; "
+                            "use the OUT/text that `ahpa extract --coco` wrote beside that cache")
         captions, offsets = manifest["captions"], np.asarray(manifest["offsets"])
         from safetensors.torch import load_file
 

@@ -108,13 +108,14 @@ def load_pickscore(model_path: str = PICKSCORE, processor_path: str = PICKSCORE_
     """PickScore_v1 and the CLIP-H processor from local paths or the HF cache (never downloaded)."""
     from transformers import AutoProcessor, CLIPModel
 
-    from ahpa.priors.text import resolve_local_model
+    from ahpa.priors.text import quiet_transformers, resolve_local_model
 
     model_dir = resolve_local_model(model_path, "PickScore model", need_tokenizer=False)
     proc_dir = resolve_local_model(processor_path, "PickScore processor (CLIP-ViT-H-14)", processor=True)
     try:
-        processor = AutoProcessor.from_pretrained(proc_dir, local_files_only=True)
-        model = CLIPModel.from_pretrained(model_dir, local_files_only=True)
+        with quiet_transformers():
+            processor = AutoProcessor.from_pretrained(proc_dir, local_files_only=True)
+            model = CLIPModel.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as err:
         raise AhpaError(f"cannot load PickScore from {model_dir} / {proc_dir}: {err}") from None
     return PickScorer(model.to(device), processor, source=f"{model_path} + {processor_path}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -79,7 +80,8 @@ class CLIPTextEncoder(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, TruncationReport]:
         """``input_ids [B, 77]`` (padded to 77, truncated) and which prompts were longer."""
-        lengths = [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
+        # verbose=False: the count below replaces transformers' "sequence length is longer" warning
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]]
         report = TruncationReport(total=len(prompts))
         for prompt, n in zip(prompts, lengths):
             if n > MAX_TOKENS:
@@ -157,11 +159,26 @@ def load_clip_text_encoder(path: str = CLIP_L14, device: torch.device | str = "c
 
     directory = resolve_local_model(path, "CLIP text encoder")
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
-        model = CLIPTextModel.from_pretrained(directory, local_files_only=True, dtype=dtype)
+        with quiet_transformers():
+            tokenizer = CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+            model = CLIPTextModel.from_pretrained(directory, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as err:
         raise AhpaError(f"cannot load a CLIP text model from {directory}: {err}") from None
     return CLIPTextEncoder(model.to(device), tokenizer, source=str(path))
+
+
+@contextmanager
+def quiet_transformers():
+    """No "Loading weights" progress bar from transformers' from_pretrained (it would garble one-line errors)."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
 
 
 def _open_clip_bpe() -> Path:
