@@ -63,17 +63,20 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    # CPU: the process's CPU time (user + sys of this 1-process run ~ its wall time on an idle core; a busy machine
+    # inflates wall time but not CPU time); CUDA: wall time after synchronising.
+    clock = time.perf_counter if dev.type == "cuda" else time.process_time
     times = {k: [] for k in models}
     for name in models:  # warm-up
         step(name)
     for _ in range(args.reps):
         for name in models:
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             step(name)
             sync()
-            times[name].append(time.perf_counter() - t0)
-    what = "forward (no grad)" if args.forward_only else "training step (fwd + bwd + AdamW)"
+            times[name].append(clock() - t0)
+    what = ("forward (no grad)" if args.forward_only else "training step (fwd + bwd + AdamW)") + (" wall" if dev.type == "cuda" else " CPU time")
     for name, m in models.items():
         print(f"{m.name}: {count_parameters(m):,} parameters; median {what} {statistics.median(times[name]):.4f} s "
               f"(batch {B}, latent {C}x{S}x{S}{f', context {args.tokens}x{args.context_dim}' if name == 'MMDiT' else ''}, "
