@@ -42,7 +42,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "images"  # images | cache | toy
+    source: str = "images"  # images | cache | toy | coco | toy_captions (the last two: captions, MMDiT)
     path: str = ""  # ImageNet-layout folder (images) or cache directory (cache)
     resolution: int = 256
     hflip: bool = True  # random flips (raw images only; a cache decides itself)
@@ -147,6 +147,17 @@ class SampleConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text conditioning of an MMDiT (text-to-image, Appendix C)."""
+
+    encoder: str = "openai/clip-vit-large-patch14"  # local dir, cached HF repo id, or "random" (random-init ViT-L/14 text)
+    context_tokens: int = 77  # CLIP tokens given to the MMDiT (77; the offline demo keeps the first 16)
+    cache: str = ""  # text cache of `ahpa extract --coco` (CACHE/text); empty: encode captions on the fly
+    coco: str = ""  # COCO root for the captions of a feature cache without a text cache
+    split: str = "train2014"  # COCO split for data.source=coco
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -157,10 +168,11 @@ class Config:
     align: AlignConfig = field(default_factory=AlignConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("images", "cache", "toy"),
+    "data.source": ("images", "cache", "toy", "coco", "toy_captions"),
     "vae.latent_norm": ("scale", "channel_stats"),
     "transport.path": ("linear", "cosine"),
     "transport.time_sampling": ("uniform", "lognormal"),
@@ -179,6 +191,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "sample.mode": ("ode", "sde"),
     "sample.method": ("euler", "heun"),
+    "text.split": ("train2014", "val2014"),
 }
 
 
@@ -359,6 +372,8 @@ def validate(cfg: Config) -> None:
         raise AhpaError("config key 'train.ema_decay' must lie in [0, 1)")
     if not 0.0 <= cfg.sample.guidance_low <= cfg.sample.guidance_high <= 1.0:
         raise AhpaError("sample.guidance_low and sample.guidance_high must satisfy 0 <= low <= high <= 1")
+    if cfg.data.source == "coco" and not cfg.data.path:
+        raise AhpaError("data.source is 'coco' but data.path is empty; set data.path=/path/to/coco (train2014/, annotations/)")
     if cfg.data.source in ("images", "cache") and not cfg.data.path:
         raise AhpaError(f"data.source is '{cfg.data.source}' but data.path is empty; set data.path=/path/to/{'imagenet/train' if cfg.data.source == 'images' else 'cache'}")
     known = (*VAE_GROUPS, TEACHER_GROUP, LATENT_GROUP)

@@ -35,14 +35,14 @@ except ImportError:  # torch without DTensor: FSDP2 is unavailable and nothing i
 
 
 def shard_training_module(module: nn.Module) -> nn.Module:
-    """FSDP2 in place: one ``fully_shard`` unit per SiT block, then the root (accelerate's
+    """FSDP2 in place: one ``fully_shard`` unit per SiT block (MMDiT: joint block), then the root (accelerate's
     ``transformer_based_wrap`` with ``SiTBlock``).  Parameters and gradient reductions stay float32;
     bf16 compute comes from autocast, as under DDP."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     for sub in list(module.modules()):
-        if type(sub).__name__ == "SiTBlock":
+        if type(sub).__name__ in ("SiTBlock", "JointBlock"):  # SiT's blocks, MMDiT's joint blocks
             fully_shard(sub, mp_policy=policy, reshard_after_forward=True)
     fully_shard(module, mp_policy=policy, reshard_after_forward=True)
     return module

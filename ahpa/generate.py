@@ -215,7 +215,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="RUN/checkpoints/<step>/, its ema.safetensors, or a published SiT/REPA .pt")
     p.add_argument("--model", default=None, help="architecture name (e.g. SiT-XL/2) for .pt files; default: inferred")
     p.add_argument("--out", required=True, help="output directory (parts/, samples_N.npz, optional png/)")
-    p.add_argument("--num", type=int, default=50_000, help="number of samples (default 50000)")
+    p.add_argument("--num", type=int, default=None, help="number of samples (default 50000; text-to-image: all prompts)")
     p.add_argument("--batch", type=int, default=64, help="samples per batch per process")
     p.add_argument("--mode", choices=("ode", "sde"), default="ode")
     p.add_argument("--method", choices=("euler", "heun"), default="euler", help="ODE solver (SDE: Euler-Maruyama)")
@@ -236,6 +236,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="bf16: model forwards under bf16 autocast (the ODE/SDE state stays float64); default float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor); off by default")
+    t2i = p.add_argument_group("text-to-image (MMDiT checkpoints, paper App. C)")
+    t2i.add_argument("--prompts", help="coco-val (first caption of each val2014 image: REPA's 40K protocol), "
+                     "coco-random (--num random val2014 captions, default 30000: U-ViT's protocol), or a text file")
+    t2i.add_argument("--coco", help="COCO root (annotations/captions_val2014.json) for --prompts coco-*")
+    t2i.add_argument("--text-encoder", help="CLIP text model: local dir or cached HF id (default: the checkpoint's)")
     p.set_defaults(func=run)
 
 
@@ -245,6 +250,15 @@ def run(args: argparse.Namespace) -> int:
     from ahpa.models.checkpoints import load_model_for_sampling
     from ahpa.priors.vae import load_vae  # diffusers: imported only when sampling
 
+    from ahpa.generate_t2i import is_t2i_checkpoint, run_t2i
+
+    if is_t2i_checkpoint(args.ckpt):  # an MMDiT: prompts instead of class labels
+        if getattr(args, "precision", "float32") != "float32" or getattr(args, "compile", False):
+            raise AhpaError("--precision bf16 and --compile are for class-conditional sampling only so far; drop them for an MMDiT checkpoint")
+        return run_t2i(args)
+    if args.prompts or args.coco or args.text_encoder:
+        raise AhpaError(f"--prompts/--coco/--text-encoder are for text-to-image (MMDiT) checkpoints; {args.ckpt} is a class-conditional model")
+    args.num = 50_000 if args.num is None else args.num
     check_sampler_arguments(args.num, args.batch, dict(steps=args.steps, cfg_scale=args.cfg_scale,
                             guidance_interval=(args.guidance_low, args.guidance_high)), args.seed)
     if args.num_classes is not None and args.num_classes < 1:

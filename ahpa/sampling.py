@@ -103,7 +103,8 @@ def guided_velocity(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale
     inside = (guide_t >= low) & (guide_t <= high)
     if cfg_scale == 1.0 or not bool(inside.any()):
         return model(x.to(dtype), t.to(dtype), y).to(torch.float64)
-    null = torch.full_like(y, model.num_classes)
+    # Text models (MMDiT) hold their null condition (the empty prompt's embedding); class models a null class.
+    null = model.null_condition(y) if hasattr(model, "null_condition") else torch.full_like(y, model.num_classes)
     both = model(torch.cat([x, x]).to(dtype), torch.cat([t, t]).to(dtype), torch.cat([y, null]))
     cond, uncond = both.to(torch.float64).chunk(2)
     scale = torch.where(inside, torch.as_tensor(float(cfg_scale), dtype=torch.float64, device=t.device), 1.0)

@@ -37,7 +37,7 @@ from ahpa.transport import Transport
 
 # What a resumed run must share with the run it continues: the architecture and objective
 # (whole sections) and what fixes the data stream and the random draws (single keys).
-RESUME_SECTIONS = ("model", "prior", "teacher", "align", "vae", "transport")
+RESUME_SECTIONS = ("model", "prior", "teacher", "align", "vae", "transport", "text")
 RESUME_KEYS = ("data.source", "data.path", "data.resolution", "train.global_batch", "train.seed")
 
 
@@ -195,14 +195,25 @@ class Trainer:
         self.source = build_source(cfg, device=self.device, rank=self.rank, world=self.world, per_rank=self.per_rank)
         torch.manual_seed(cfg.train.seed)  # model initialisation is identical on every rank and for every source
         latent_channels, latent_size = self.source.latent_shape[0], self.source.latent_shape[1]
-        self.sit = build_sit(
-            cfg.model.name,
-            input_size=latent_size,
-            in_channels=latent_channels,
-            num_classes=cfg.model.num_classes,
-            class_dropout=cfg.model.class_dropout,
-            learn_sigma=cfg.model.learn_sigma,
-        )
+        self.text = cfg.model.name.startswith("MMDiT")  # text-to-image (Appendix C): y is the text context
+        if self.text and cfg.train.gsnr_every:
+            raise AhpaError("train.gsnr_every is implemented for SiT (its block and label-embedder names); set train.gsnr_every=0 for an MMDiT")
+        if self.text:
+            from ahpa.models.mmdit import build_mmdit
+
+            self.sit = build_mmdit(cfg.model.name, input_size=latent_size, in_channels=latent_channels,
+                                   context_tokens=self.source.context_shape[0], context_dim=self.source.context_shape[1],
+                                   class_dropout=cfg.model.class_dropout)
+            self.sit.set_null_context(self.source.null_context)
+        else:
+            self.sit = build_sit(
+                cfg.model.name,
+                input_size=latent_size,
+                in_channels=latent_channels,
+                num_classes=cfg.model.num_classes,
+                class_dropout=cfg.model.class_dropout,
+                learn_sigma=cfg.model.learn_sigma,
+            )
         self.sit.activation_checkpointing = cfg.train.activation_checkpointing
         if self.source.num_classes > cfg.model.num_classes:
             raise AhpaError(f"the data has {self.source.num_classes} classes but model.num_classes={cfg.model.num_classes}; set model.num_classes={self.source.num_classes}")
@@ -243,6 +254,9 @@ class Trainer:
             "scaling_factor": self.source.latent_scale_scalar, "latent_shift": self.source.latent_shift_list,
             "latent_scale": self.source.latent_scale_list, "time_convention": "repa", "path": cfg.transport.path,
         }
+        if self.text:
+            self.meta |= {"num_classes": 0, "learn_sigma": False, "text_encoder": cfg.text.encoder,
+                          "context_tokens": self.sit.context_tokens, "context_dim": self.sit.context_dim}
         self._check_disk_space()
         self.resumes: list[dict] = []
         nonfinite_skipped = 0
@@ -329,6 +343,12 @@ class Trainer:
     def _grid_inputs(self):
         from ahpa.sampling import noise_for_indices
 
+        if self.text:  # one row per caption (its fixed text context), 8 samples each
+            rows = self.source.grid_captions(10)
+            self.grid_prompts = [self.source.captions[r] for r in rows]
+            contexts = self.source.embed_rows(torch.tensor(rows), "cpu").repeat_interleave(8, dim=0)
+            noise = noise_for_indices(range(len(contexts)), seed=self.cfg.train.seed, shape=tuple(self.source.latent_shape), device="cpu")
+            return noise, contexts, 8
         classes = min(self.source.num_classes, 10)
         per_class = 8
         labels = torch.arange(classes).repeat_interleave(per_class)
@@ -348,6 +368,10 @@ class Trainer:
         )
         images = self.source.decode(latents)
         _save_grid(images.cpu(), self.grid_rows, path)
+        if self.text:  # the caption of each grid row, beside the grid
+            from ahpa.io import write_text_atomic
+
+            write_text_atomic(path.with_suffix(".txt"), "".join(f"{p}\n" for p in self.grid_prompts))
 
     def _rng_states(self) -> list[dict]:
         own = {"torch": torch.get_rng_state()}
@@ -558,8 +582,8 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_config(out: str, method: str, overrides: list[str]) -> Config:
-    cfg = load_config(PRESETS / "toy.yaml", overrides)
+def demo_config(out: str, method: str, overrides: list[str], task: str = "class") -> Config:
+    cfg = load_config(PRESETS / ("toy-t2i.yaml" if task == "t2i" else "toy.yaml"), overrides)
     cfg.train.out = out
     if method == "vanilla":
         cfg.align.method = "vanilla"
@@ -568,7 +592,9 @@ def demo_config(out: str, method: str, overrides: list[str]) -> Config:
 
 def run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    cfg = demo_config(args.out, args.method, args.overrides)
+    task = getattr(args, "task", "class")
+    out_dir = args.out or ("runs/demo-t2i" if task == "t2i" else "runs/demo")
+    cfg = demo_config(out_dir, args.method, args.overrides, task=task)
     trainer = Trainer(cfg, resume=not args.no_resume)
     setup = time.perf_counter() - t0
     metrics = trainer.run()
@@ -583,6 +609,11 @@ def run_demo(args: argparse.Namespace) -> int:
         metrics["alignment_parameters"] = extra_parameters(trainer.objective)
         metrics["router_max_deviation_from_uniform"] = router_deviation(trainer.objective)
     out = Path(cfg.train.out)
+    if task == "t2i":  # does the final grid follow its captions better than the first? (ahpa/t2i_demo.py)
+        from ahpa.t2i_demo import caption_following
+
+        metrics["caption_following"] = caption_following(out, cfg.data.resolution)
+        print(f"caption following (digits classifier on the grid cells): {metrics['caption_following']['summary']}")
     write_json_atomic(out / "metrics.json", metrics, indent=2)
     print(f"demo finished in {metrics['total_seconds']:.0f} s: {out}/samples.png, {out}/metrics.json"
           + (f", {out}/router.png" if trainer.objective is not None else ""))
@@ -601,8 +632,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_train)
 
     d = subparsers.add_parser("demo", help="train a tiny SiT with AHPA on the bundled digits in a few CPU minutes")
-    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    d.add_argument("--out", default=None, help="output directory (default runs/demo, or runs/demo-t2i with --task t2i)")
     d.add_argument("--method", choices=("ahpa", "vanilla"), default="ahpa")
+    d.add_argument("--task", choices=("class", "t2i"), default="class",
+                   help="class: SiT on class labels (configs/toy.yaml); t2i: MMDiT on captioned digits (configs/toy-t2i.yaml)")
     d.add_argument("--no-resume", action="store_true")
     d.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/toy.yaml")
     d.set_defaults(func=run_demo)

@@ -206,13 +206,13 @@ def _loader(dataset, sampler: ResumableSampler, cfg: Config, device) -> torch.ut
 class ImageSource(BatchSource):
     """Raw images, encoded on the device by the one-pass prior at every step."""
 
-    def __init__(self, cfg, device, rank, world, per_rank):
+    def __init__(self, cfg, device, rank, world, per_rank, dataset=None):
         super().__init__(cfg, device, rank, world, per_rank)
         from ahpa.data.images import ImageFolderDataset
         from ahpa.priors.hierarchy import HierarchicalVAEPrior
         from ahpa.priors.vae import load_vae, vae_downsample_factor
 
-        self.dataset = ImageFolderDataset(cfg.data.path, cfg.data.resolution)
+        self.dataset = dataset if dataset is not None else ImageFolderDataset(cfg.data.path, cfg.data.resolution)
         self.vae = load_vae(cfg.vae.path, device=self.device)
         self._set_scale_from_vae()
         factor = vae_downsample_factor(self.vae)
@@ -296,14 +296,20 @@ class CacheSource(BatchSource):
 
 
 def _patch_size(name: str) -> int:
+    from ahpa.models.mmdit import MMDIT_CONFIGS
     from ahpa.models.sit import SIT_CONFIGS
 
-    if name not in SIT_CONFIGS:
-        raise AhpaError(f"unknown model '{name}'; choose one of {', '.join(SIT_CONFIGS)}")
-    return SIT_CONFIGS[name]["patch_size"]
+    configs = {**SIT_CONFIGS, **MMDIT_CONFIGS}
+    if name not in configs:
+        raise AhpaError(f"unknown model '{name}'; choose one of {', '.join(configs)}")
+    return configs[name]["patch_size"]
 
 
 def build_source(cfg: Config, *, device, rank: int, world: int, per_rank: int) -> BatchSource:
+    if cfg.model.name.startswith("MMDiT") or cfg.data.source in ("coco", "toy_captions"):
+        from ahpa.data.captions import build_caption_source  # text-to-image (Appendix C)
+
+        return build_caption_source(cfg, device=device, rank=rank, world=world, per_rank=per_rank)
     if cfg.vae.latent_norm == "channel_stats" and cfg.data.source != "cache":
         raise AhpaError("vae.latent_norm=channel_stats needs per-channel statistics from a feature cache; set data.source=cache or vae.latent_norm=scale")
     if cfg.data.source == "toy":

@@ -190,6 +190,7 @@ def _plan(images: ImageFolderDataset, prior: HierarchicalVAEPrior, resolution: i
             "file_list_sha256": images.file_list_hash(),
             "ignored": images.report.ignored,
             "empty_classes": images.report.empty_classes,
+            **({"y": "image_index"} if getattr(images, "y_is_image_index", False) else {}),  # MS-COCO: y = image, not class
         },
     }
 
@@ -298,7 +299,8 @@ def finalize(out: Path, plan: dict, num_shards: int) -> dict:
         **({"teachers": plan["teachers"]} if "teachers" in plan else {}),  # REPA teacher features (ahpa extract --teacher)
         "bytes_per_image": plan["bytes_per_image"],
         "latent_stats": {"mean": mean.tolist(), "std": std.tolist()},
-        "labels": {"num_classes": len(classes), "classes": classes, "counts": [labels.get(y, 0) for y in range(len(classes))]},
+        "labels": {"num_classes": len(classes), "classes": classes,
+                   "counts": [count] if plan["images"].get("y") == "image_index" else [labels.get(y, 0) for y in range(len(classes))]},
         "images": {
             **{k: v for k, v in plan["images"].items() if k != "root_classes"},
             "cached": count,
@@ -332,6 +334,7 @@ def extract_cache(
     progress: bool = True,
     teacher=None,
     checksums: bool = False,
+    images: ImageFolderDataset | None = None,
 ) -> dict | None:
     """Extract (or resume extracting) this rank's shards; returns the manifest once the cache is complete.
 
@@ -346,7 +349,7 @@ def extract_cache(
     if not 0 <= rank < world:
         raise AhpaError(f"rank {rank} is outside world size {world}")
     out = Path(out)
-    images = ImageFolderDataset(image_dir, resolution)
+    images = images if images is not None else ImageFolderDataset(image_dir, resolution)  # or COCO's (data/coco.py)
     plan = _plan(images, prior, resolution, dtype, flip_both, shard_size, order_seed, teacher)
     if not (out / PLAN).is_file():  # a new cache: refuse one that cannot be written before creating anything
         check_output_dir(out, "--out", need_bytes=len(images) * plan["bytes_per_image"])
@@ -424,11 +427,13 @@ def extract_cache(
 
 def _grid(resolution: int, factor: int, model_name: str) -> int:
     """The model's token grid side: latent side / patch size."""
+    from ahpa.models.mmdit import MMDIT_CONFIGS
     from ahpa.models.sit import SIT_CONFIGS
 
-    if model_name not in SIT_CONFIGS:
-        raise AhpaError(f"unknown model '{model_name}'; choose one of {', '.join(SIT_CONFIGS)} or pass --grid")
-    return resolution // factor // SIT_CONFIGS[model_name]["patch_size"]
+    configs = {**SIT_CONFIGS, **MMDIT_CONFIGS}
+    if model_name not in configs:
+        raise AhpaError(f"unknown model '{model_name}'; choose one of {', '.join(configs)} or pass --grid")
+    return resolution // factor // configs[model_name]["patch_size"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -441,6 +446,18 @@ def run(args: argparse.Namespace) -> int:
                             "rerun the `ahpa extract IMAGE_DIR --out CACHE` command with --checksums to redo exactly the damaged shards")
         manifest = read_manifest(args.verify)
         print(f"ok: {manifest['count']} items in {len(manifest['shards'])} shards ({'sizes and headers' if args.quick else 'sha256'} verified)")
+        text = Path(args.verify) / "text"
+        if text.is_dir():  # the caption embeddings of `ahpa extract --coco`
+            from ahpa.data.captions import read_text_manifest, verify_text_cache
+
+            problems = [] if args.quick else verify_text_cache(text)  # sizes always (read_text_manifest), sha256 unless --quick
+            for problem in problems:
+                print(f"  {text}/{problem}")
+            if problems:
+                raise AhpaError(f"text cache '{text}' failed verification ({len(problems)} problem(s) listed above); "
+                                f"delete {text} and rerun the `ahpa extract --coco` command to rebuild it")
+            print(f"ok: {read_text_manifest(text)['count']} caption embeddings in {text} "
+                  f"({'sizes' if args.quick else 'sha256'} verified)")
         return 0
     if not args.image_dir or not args.out:
         raise AhpaError("usage: ahpa extract IMAGE_DIR --out CACHE (or ahpa extract --verify CACHE)")
@@ -457,6 +474,16 @@ def run(args: argparse.Namespace) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    coco_images = text_encoder = None
+    if args.coco:  # MS-COCO 2014 (App. C): y = the image's index; the CLIP embeddings of its captions go to OUT/text
+        from ahpa.data.coco import CocoImages
+        from ahpa.priors.text import load_clip_text_encoder
+
+        # a folder without captions, an image without a caption, missing CLIP weights: refused before anything is written
+        coco_images = CocoImages(args.image_dir, args.coco_split, resolution)
+        text_encoder = load_clip_text_encoder(args.text_encoder or cfg.text.encoder, device=device)
+    elif args.text_encoder:
+        raise AhpaError("--text-encoder is for --coco (the caption embeddings of an MS-COCO cache)")
     vae = load_vae(args.vae or cfg.vae.path, device=device)
     grid = args.grid or _grid(resolution, vae_downsample_factor(vae), cfg.model.name)
     groups = args.groups.split(",") if args.groups else list(cfg.prior.groups)
@@ -485,8 +512,16 @@ def run(args: argparse.Namespace) -> int:
         manifest = extract_cache(
             args.image_dir, args.out, prior, resolution, dtype=args.dtype, flip_both=args.flip_both,
             shard_size=args.shard_size, batch_size=args.batch, rank=rank, world=world, workers=workers,
-            teacher=teacher, checksums=args.checksums,
+            teacher=teacher, checksums=args.checksums, images=coco_images,
         )  # fmt: skip
+        if coco_images is not None and manifest is not None:  # the caption embeddings, once the image cache is complete
+            from ahpa.data.captions import extract_text_cache
+
+            coco = coco_images.coco
+            text = extract_text_cache(coco.flat, coco.offsets, text_encoder, Path(args.out) / "text",
+                                      describe={"split": args.coco_split, "file_list_sha256": coco_images.file_list_hash()})
+            print(f"wrote {Path(args.out) / 'text'}: {text['count']} caption embeddings of {len(coco)} images "
+                  f"({text['truncated']} truncated to 77 CLIP tokens)")
     if manifest is not None:
         info = manifest["images"]
         print(
@@ -521,4 +556,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
     p.add_argument("--batch", type=int, default=32, help="encoder batch size")
     p.add_argument("--workers", type=int, help="image decoding processes (default: min(8, CPUs))")
+    p.add_argument("--coco", action="store_true", help="IMAGE_DIR is an MS-COCO 2014 root: also cache the CLIP embeddings of every caption (OUT/text)")
+    p.add_argument("--coco-split", choices=("train2014", "val2014"), default="train2014", help="COCO split (with --coco)")
+    p.add_argument("--text-encoder", help="CLIP text model for --coco (default: config text.encoder)")
     p.set_defaults(func=run)

@@ -122,8 +122,10 @@ def _check_resolution(samples: NpzImages, reference: NpzImages) -> None:
         )
 
 
-def check_arguments(args: argparse.Namespace) -> str:
-    """Every argument and output path, before anything is read or written; returns the device."""
+def check_arguments(args: argparse.Namespace, suffix: str = ".metrics.json") -> str:
+    """Every argument and output path, before anything is read or written; returns the device.
+
+    ``suffix``: of the default results file beside each sample file."""
     if args.batch < 1:
         raise AhpaError(f"--batch must be at least 1 (got {args.batch})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,7 +137,7 @@ def check_arguments(args: argparse.Namespace) -> str:
         raise AhpaError(f"--device {device} asked for, but this machine has no usable CUDA GPU; use --device cpu (slow) or run on a GPU")
     if kind not in ("cuda", "cpu"):
         raise AhpaError(f"--device {device!r}: use cuda, cuda:N or cpu")
-    outs = [Path(args.out)] if args.out else [Path(p).with_suffix(".metrics.json") for p in args.samples]
+    outs = [Path(args.out)] if args.out else [Path(p).with_suffix(suffix) for p in args.samples]
     for out in outs:
         check_output_file(out, "--out" if args.out else "results file", need_bytes=64 * 2**10)
     if args.csv:
@@ -145,6 +147,12 @@ def check_arguments(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.coco_ref or args.pickscore:  # text-to-image metrics (Table 5)
+        from ahpa.evaluation.t2i import run_t2i_eval
+
+        return run_t2i_eval(args)
+    if not args.ref:
+        raise AhpaError("--ref REFERENCE.npz is required (or --coco-ref / --pickscore for text-to-image samples)")
     device = check_arguments(args)
     reference = open_npz_images(args.ref)  # bad input is reported before any weights are looked up
     for path in args.samples:
@@ -178,11 +186,15 @@ def register(subparsers) -> None:
         description="ADM's FID / sFID / IS / precision / recall of .npz sample batches against a reference batch (SPEC section 7).",
     )
     parser.add_argument("samples", nargs="+", help="ADM .npz sample batches (arr_0: uint8 NHWC)")
-    parser.add_argument("--ref", required=True, help="reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
+    parser.add_argument("--ref", help="reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
     parser.add_argument("--out", help="JSON file for the results (default: SAMPLES.metrics.json beside each sample file)")
     parser.add_argument("--csv", help="CSV file to append one row per sample file to (default with several files: beside --out, or ./metrics.csv)")
     parser.add_argument("--inception", help="Inception weights: torch-fidelity's .pth or NVIDIA's TorchScript .pt (default: look them up)")
     parser.add_argument("--batch", type=int, default=64, help="images per Inception batch")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"feature cache (default: {default_cache_dir()})")
+    t2i = parser.add_argument_group("text-to-image (paper Table 5)")
+    t2i.add_argument("--coco-ref", help="COCO root: FID against val2014 statistics (built once with the training preprocessing, cached)")
+    t2i.add_argument("--pickscore", help="PickScore_v1 model: local dir or cached HF id (yuvalkirstain/PickScore_v1)")
+    t2i.add_argument("--pickscore-processor", help="its processor (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K, local or cached)")
     parser.set_defaults(func=run)
