@@ -1,3 +1,3 @@
 """AHPA: Adaptive Hierarchical Prior Alignment for diffusion transformers."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
