@@ -19,7 +19,6 @@ run draws the captions an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ahpa.data.images import FORMATS, ImageReport, LoadResult, to_rgb
+from ahpa.data.images import FORMATS, ImageReport, LoadResult, file_list_sha256, to_rgb
 from ahpa.errors import AhpaError
 
 SPLITS = ("train2014", "val2014")
@@ -143,7 +142,7 @@ class CocoImages:
         return len(self.files)
 
     def file_list_hash(self) -> str:
-        return hashlib.sha256("\n".join(self.files).encode()).hexdigest()
+        return file_list_sha256(self.files)
 
     def load(self, index: int) -> LoadResult:
         path = os.path.join(self.root, self.files[index])

@@ -175,6 +175,11 @@ def _list_files(root: str, folder: str, report: ImageReport) -> list[str]:
     return sorted(found)
 
 
+
+def file_list_sha256(files: list[str]) -> str:
+    """sha256 of a data set's relative paths in order: identifies the image list (cache manifests, resume)."""
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()
+
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>`` -> ``dict(image=uint8 [3, R, R], y=long)`` (ADM centre crop)."""
 
@@ -215,8 +220,7 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def file_list_hash(self) -> str:
-        """sha256 of the sorted relative paths: identifies the image list and its order."""
-        return hashlib.sha256("\n".join(self.files).encode()).hexdigest()
+        return file_list_sha256(self.files)
 
     def load(self, index: int) -> LoadResult:
         """Decode one file; failures are returned, not raised (the caller records them)."""

@@ -30,7 +30,8 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ahpa.errors import AhpaError
-from ahpa.models.sit import FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d
+from ahpa.models.sit import (FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, dit_init_linears_and_patches,
+                             dit_init_time_and_zero_layers, modulate)
 
 # size -> (depth, hidden, heads); heads of width 32 and hidden = 32 x depth as REPA's MMDiT ("B" is REPA's).
 _SIZES = {"T": (6, 192, 6), "S": (12, 384, 12), "B": (24, 768, 24)}
@@ -128,24 +129,9 @@ class MMDiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's initialisation with adaLN-Zero (REPA's MMDiT uses PyTorch defaults; see module doc)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed_2d(self.hidden_size, self.grid)[None])
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.joint_blocks:
-            for stream in (block.context_block, block.x_block):
-                nn.init.zeros_(stream.adaLN_modulation[-1].weight)
-                nn.init.zeros_(stream.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        dit_init_linears_and_patches(self)
+        dit_init_time_and_zero_layers(self, [stream.adaLN_modulation[-1] for block in self.joint_blocks
+                                             for stream in (block.context_block, block.x_block)])
 
     @property
     def name(self) -> str:

@@ -204,24 +204,9 @@ class SiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT initialisation: xavier linears, N(0, 0.02) embeddings, adaLN-Zero and zero output layer."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed_2d(self.hidden_size, self.grid)[None])
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like nn.Linear, not nn.Conv2d
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        dit_init_linears_and_patches(self)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        dit_init_time_and_zero_layers(self, [block.adaLN_modulation[-1] for block in self.blocks])
 
     @property
     def name(self) -> str:
@@ -269,6 +254,31 @@ class SiT(nn.Module):
         if self.learn_sigma:  # SiT keeps only the velocity half of the learned-sigma output
             out = out[:, : self.in_channels]
         return (out, hidden) if hidden_depths else out
+
+
+
+def dit_init_linears_and_patches(model: nn.Module) -> None:
+    """DiT's initialisation, first half (shared by SiT and MMDiT): xavier linears with zero bias, the frozen
+    sin-cos ``pos_embed``, the patch embedding initialised like a linear layer."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        model.pos_embed.copy_(sincos_pos_embed_2d(model.hidden_size, model.grid)[None])
+    w = model.x_embedder.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like nn.Linear, not nn.Conv2d
+    nn.init.zeros_(model.x_embedder.proj.bias)
+
+
+def dit_init_time_and_zero_layers(model: nn.Module, adaln_layers: list[nn.Linear]) -> None:
+    """DiT's initialisation, second half: N(0, 0.02) timestep MLP, adaLN-Zero for ``adaln_layers`` and a zero
+    output layer (the random draws happen in the same order as DiT's, so initial weights are unchanged)."""
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for layer in [*adaln_layers, model.final_layer.adaLN_modulation[-1], model.final_layer.linear]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
 
 
 def build_sit(name: str, input_size: int, in_channels: int = 4, num_classes: int = 1000,
