@@ -4,7 +4,7 @@ One :class:`Config` describes a whole run.  It is built in three layers, each
 winning over the one before (REPA's fault of YAML silently overriding flags is
 avoided by construction):
 
-1. the dataclass defaults below (the paper's recipe, SPEC section 5),
+1. the dataclass defaults below (the paper's recipe, docs/design.md section 5),
 2. a YAML file (``configs/*.yaml``), which may name only known keys,
 3. ``section.key=value`` overrides from the command line.
 

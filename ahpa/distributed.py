@@ -19,7 +19,7 @@ run may resume under the other strategy or another world size:
 
 Mixed precision: parameters stay float32 under FSDP (``param_dtype=None``) and
 the step computes in bf16 under autocast, as DDP does, so the losses and the
-router target stay float32 (SPEC section 4) and gradients are reduced in float32.
+router target stay float32 (docs/design.md section 4) and gradients are reduced in float32.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``ahpa sample``: draw N images from a checkpoint into an ADM ``.npz`` (SPEC section 7).
+"""``ahpa sample``: draw N images from a checkpoint into an ADM ``.npz`` (docs/design.md section 7).
 
 Sample i has class label ``i % num_classes`` and its noise from (seed, i) alone
 (:func:`ahpa.sampling.noise_for_indices`), so the result does not depend on the

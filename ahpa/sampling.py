@@ -1,4 +1,4 @@
-"""ODE and SDE samplers with classifier-free guidance (SPEC section 1).
+"""ODE and SDE samplers with classifier-free guidance (docs/design.md section 1).
 
 Time runs from t=1 (noise) to t=0 (data), REPA's convention; time grids are
 float64 and the state is integrated in float64, the model runs in the dtype of

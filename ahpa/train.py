@@ -4,7 +4,7 @@
                                         +-> hidden at block d -> head -+-> align loss (x lambda)
                         features + t -> router -> target -------------+
 
-Alignment is an objective beside the diffusion loss (SPEC section 4): with
+Alignment is an objective beside the diffusion loss (docs/design.md section 4): with
 ``align.method=vanilla`` it is absent and the loop is plain SiT training.
 
 Determinism: every random draw of step ``s`` (posterior sample, t, eps, label

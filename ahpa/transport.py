@@ -1,4 +1,4 @@
-"""Interpolants, time sampling and the diffusion loss (SPEC section 1).
+"""Interpolants, time sampling and the diffusion loss (docs/design.md section 1).
 
 REPA's convention throughout: ``x_t = alpha_t x_0 + sigma_t eps`` with t=0 the
 data and t=1 the noise; the network predicts the velocity

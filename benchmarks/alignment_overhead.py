@@ -35,7 +35,7 @@ from ahpa.models.sit import build_sit
 from ahpa.transport import Transport
 
 TINY_VAE_GROUPS = "G3:2x64,G4:6x64"  # ahpa/data/tiny_vae.py encoder, 32 px images
-SD_VAE_GROUPS = "G3:4x512,G4:4x512"  # SPEC section 2, split 4/4
+SD_VAE_GROUPS = "G3:4x512,G4:4x512"  # docs/design.md section 2, split 4/4
 
 
 def parse_groups(text: str) -> dict[str, tuple[int, int]]:

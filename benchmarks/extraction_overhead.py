@@ -1,6 +1,6 @@
 """Cost of the one-pass hierarchical extractor over a plain latent-only ``vae.encode``.
 
-SPEC section 2: moments and features come from ONE encoder pass, so the only
+docs/design.md section 2: moments and features come from ONE encoder pass, so the only
 extra work is the hooks' pooling and stacking.  Times both on the same batch of
 the real SD-VAE architecture (random init), alternating runs, and prints
 images/second and the ratio (target <= 1.10).

@@ -1,4 +1,4 @@
-"""Per-sample gradient methods for G-SNR, measured in one run (SPEC section 6; ahpa/diagnostics/per_sample.py).
+"""Per-sample gradient methods for G-SNR, measured in one run (docs/design.md section 6; ahpa/diagnostics/per_sample.py).
 
 For one batch of n samples at one t, times ``grad_stats`` with the ghost-norm method,
 torch.func vmap in chunks, and the loop of single-sample backward passes, over the

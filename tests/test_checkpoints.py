@@ -1,4 +1,4 @@
-"""Checkpoint loading (SPEC section 1): published SiT / REPA layouts, ema.safetensors, errors."""
+"""Checkpoint loading (docs/design.md section 1): published SiT / REPA layouts, ema.safetensors, errors."""
 
 import argparse
 import os

@@ -24,7 +24,7 @@ def test_command_line_wins_over_yaml(tmp_path):
     assert cfg.train.steps == 10  # YAML beat the default
     assert cfg.align.depths == [3, 8]
     assert cfg.prior.groups == ["G4"]
-    assert cfg.train.global_batch == 256  # untouched default (SPEC section 5)
+    assert cfg.train.global_batch == 256  # untouched default (docs/design.md section 5)
 
 
 @pytest.mark.parametrize(

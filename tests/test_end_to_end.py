@@ -1,8 +1,8 @@
 """End to end on the toy config: zero inference cost of alignment, and train -> sample -> evaluate.
 
-SPEC section 4: at inference the head, the router and the VAE encoder are not run
+docs/design.md section 4: at inference the head, the router and the VAE encoder are not run
 (sampling costs what vanilla SiT costs) and an exported checkpoint omits them.
-SPEC section 7: ``ahpa sample`` writes an ADM ``.npz`` that ``ahpa evaluate`` reads.
+docs/design.md section 7: ``ahpa sample`` writes an ADM ``.npz`` that ``ahpa evaluate`` reads.
 Two 1-step toy runs (AHPA and vanilla) are shared by every test of this file.
 """
 

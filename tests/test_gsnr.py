@@ -168,7 +168,7 @@ def test_cli_fresh_init_router_equals_uniform_and_outputs(tmp_path, small_toy, c
     result = json.loads((out / "gsnr.json").read_text())
     recs = {(r["target"], r["t"]): r for r in result["records"]}
     assert len(recs) == 6 and {r["n"] for r in recs.values()} == {4}
-    for t in (0.3, 0.8):  # a zero-initialised router is the static uniform mix (SPEC section 3), same head
+    for t in (0.3, 0.8):  # a zero-initialised router is the static uniform mix (docs/design.md section 3), same head
         own, uni = recs[("own", t)], recs[("uniform:G3+G4", t)]
         assert own["gsnr"] == pytest.approx(uni["gsnr"], rel=1e-6) and own["loss_align"] == pytest.approx(uni["loss_align"], rel=1e-6)
         assert recs[("uniform:G3", t)]["gsnr"] != pytest.approx(own["gsnr"], rel=1e-3)

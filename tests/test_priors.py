@@ -1,4 +1,4 @@
-"""Hierarchical VAE prior (SPEC section 2): registry, grouping, one-pass extraction, loading."""
+"""Hierarchical VAE prior (docs/design.md section 2): registry, grouping, one-pass extraction, loading."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ahpa.priors.hierarchy import SD_VAE_CONFIG, HierarchicalVAEPrior, encoder_l
 from ahpa.priors.vae import encoder_hash, load_vae, vae_downsample_factor, vae_scaling_factor
 from helpers import small_vae
 
-# SPEC section 2 table, written out by hand: (module, C, H at a 256 input, group under 4/4).
+# docs/design.md section 2 table, written out by hand: (module, C, H at a 256 input, group under 4/4).
 SPEC_TABLE = [
     ("encoder.conv_in", 128, 256, "G1"),
     ("encoder.down_blocks.0.resnets.0", 128, 256, "G1"),
@@ -91,7 +91,7 @@ def test_sd_vae_group_shapes_after_pooling(split, g3, g4, size):
         g: (2, l, c, grid, grid) for g, (l, c) in expected.items()
     }
     assert out.latent_mean.shape == out.latent_std.shape == (2, 4, size // 8, size // 8)
-    # The 512-channel layers: G3 takes the first `g3` of SPEC rows 8-15.
+    # The 512-channel layers: G3 takes the first `g3` of docs/design.md section 2, rows 8-15.
     assert prior.layers["G3"][-1].path == SPEC_TABLE[7 + g3 - 1][0]
 
 

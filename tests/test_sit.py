@@ -1,4 +1,4 @@
-"""SiT backbone (SPEC section 1): shapes, parameter counts, hidden states, DiT conventions."""
+"""SiT backbone (docs/design.md section 1): shapes, parameter counts, hidden states, DiT conventions."""
 
 import math
 

@@ -109,7 +109,7 @@ def test_committed_vae_shape_and_size(committed_vae):
         z = committed_vae.encode(torch.zeros(2, 3, 32, 32)).latent_dist.mode()
         assert z.shape == (2, 4, 8, 8)
         assert committed_vae.decode(z).sample.shape == (2, 3, 32, 32)
-    # SD-VAE's structure (SPEC section 2): two resnets per stage, attention in the mid block.
+    # SD-VAE's structure (docs/design.md section 2): two resnets per stage, attention in the mid block.
     assert len(committed_vae.encoder.down_blocks) == 3
     assert all(len(b.resnets) == 2 for b in committed_vae.encoder.down_blocks)
     assert committed_vae.encoder.mid_block.attentions[0] is not None

@@ -66,7 +66,7 @@ def test_checkpoint_outputs_and_router_plot(tmp_path):
             "state.json", "config.yaml", "router.png"} <= names
     assert (tmp_path / "samples_step0.png").is_file() and (tmp_path / "samples.png").is_file()
     assert (tmp_path / "router.png").is_file() and (tmp_path / "config.yaml").is_file()
-    # the exported EMA holds only SiT weights (SPEC section 4: no alignment weights at inference)
+    # the exported EMA holds only SiT weights (docs/design.md section 4: no alignment weights at inference)
     ema = load_file(ckpt / "ema.safetensors")
     assert not any("router" in k or "head" in k or "objective" in k for k in ema)
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2

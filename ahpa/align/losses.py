@@ -1,4 +1,4 @@
-"""Alignment losses (paper Eq. 5, App. D.1; SPEC section 4).
+"""Alignment losses (paper Eq. 5, App. D.1; docs/design.md section 4).
 
 All losses return one value per sample, ``[B]``, and are computed in float32
 whatever the input dtype: an fp16 cosine similarity overflows in the squared

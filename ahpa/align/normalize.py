@@ -1,4 +1,4 @@
-"""Per-layer normalisation of the hierarchical prior features (SPEC section 2).
+"""Per-layer normalisation of the hierarchical prior features (docs/design.md section 2).
 
 The paper is silent on normalisation, but the selected VAE layers differ in
 scale by orders of magnitude, so without it the router's softmax weights would

@@ -1,4 +1,4 @@
-"""The AHPA alignment objective (paper Sec. 4.3-4.4; SPEC sections 3-4).
+"""The AHPA alignment objective (paper Sec. 4.3-4.4; docs/design.md sections 3-4).
 
 One module holds everything the alignment branch trains: the router and one
 projection head per alignment depth.  Given the SiT hidden states of the
@@ -12,7 +12,7 @@ concatenated in the order of ``group_shapes``.  The router learns from the
 alignment loss alone and nothing of the target reaches the backbone; the
 backbone's gradient comes only through the head.  The objective is saved on its
 own (``objective.safetensors``): the SiT state dict never holds these weights,
-and sampling never runs them (SPEC section 4).
+and sampling never runs them (docs/design.md section 4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Dynamic Router and its ablation variants (paper Sec. 4.3, App. D.6; SPEC section 3).
+"""The Dynamic Router and its ablation variants (paper Sec. 4.3, App. D.6; docs/design.md section 3).
 
 Every router maps the timestep ``t`` (``[B]``, REPA convention: 0 = data,
 1 = noise) to

@@ -60,7 +60,7 @@ class BatchSource:
         self.teacher = None  # DINOv2 teacher on the fly (group "dinov2"), see _setup_targets
         self.latent_expected = None  # (1, C') of the SRA2 group "latent"
 
-    # -- latent normalisation (SPEC section 5; iREPA's per-channel option) ------
+    # -- latent normalisation (docs/design.md section 5; iREPA's per-channel option) ------
     def _set_scale_from_vae(self) -> None:
         from ahpa.priors.vae import vae_scaling_factor, vae_shift_factor
 

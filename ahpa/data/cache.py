@@ -1,6 +1,6 @@
 """The feature cache: latent moments and hierarchical VAE features, computed once.
 
-At ImageNet scale the prior (SPEC section 2) is run once per image by ``ahpa
+At ImageNet scale the prior (docs/design.md section 2) is run once per image by ``ahpa
 extract`` and training reads the results memory-mapped.  Layout::
 
     CACHE/manifest.json            the commit point, written last (atomically)

@@ -1,6 +1,6 @@
 """The project's own tiny ``AutoencoderKL``, trained on the toy digits.
 
-It mirrors SD-VAE's layout (SPEC section 2): ``DownEncoderBlock2D`` stages with
+It mirrors SD-VAE's layout (docs/design.md section 2): ``DownEncoderBlock2D`` stages with
 two resnets each, a mid block with attention, four latent channels; but three
 narrow stages instead of four wide ones, so a 32x32 image becomes a 4x8x8
 latent (two downsamplers) and the weights fit in about 2.6 MB of float16.  The

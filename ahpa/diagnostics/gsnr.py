@@ -1,4 +1,4 @@
-"""G-SNR of the alignment gradient along the trajectory (paper Sec. 3, Fig. 2, Tables 7, B.10, E.18; SPEC section 6).
+"""G-SNR of the alignment gradient along the trajectory (paper Sec. 3, Fig. 2, Tables 7, B.10, E.18; docs/design.md section 6).
 
 For each t of a grid, the whole batch is noised at that one t (fresh images and
 noise per t, the same ones for every target), and the per-sample gradients
@@ -9,7 +9,7 @@ noise per t, the same ones for every target), and the per-sample gradients
     n * G-SNR                              (batch-mean form: the SNR of the batch-mean gradient)
 
 plus the cosine between the mean diffusion gradient and ``g_bar`` (gradient
-conflict, App. E.1).  The paper's equation is lost (SPEC section 9); both forms
+conflict, App. E.1).  The paper's equation is lost (docs/design.md section 9); both forms
 are reported and the raw ingredients are written so any other normalisation can
 be recomputed.
 
@@ -78,7 +78,7 @@ class AlignmentProbe(nn.Module):
 
 def select_parameters(probe: AlignmentProbe, spec: str) -> dict[str, nn.Parameter]:
     """Trainable parameters of ``probe`` named by ``spec`` (terms joined by ``+``):
-    ``upstream`` (embedders and blocks 1..d, d = deepest aligned block; SPEC section 6),
+    ``upstream`` (embedders and blocks 1..d, d = deepest aligned block; docs/design.md section 6),
     ``block:N``, ``blocks:A-B``, ``head`` (projection heads), ``router``, ``sit`` (all of SiT),
     ``all`` (SiT + heads + router)."""
     sit, depth = probe.sit, max(probe.objective.depths)

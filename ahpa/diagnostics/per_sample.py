@@ -1,4 +1,4 @@
-"""Per-sample gradient statistics for G-SNR (SPEC section 6, paper Sec. 3 and App. E.1).
+"""Per-sample gradient statistics for G-SNR (docs/design.md section 6, paper Sec. 3 and App. E.1).
 
 G-SNR needs, for a batch of n samples, only the mean gradient ``g_bar`` and the
 per-sample squared norms ``||g_i||^2``:

@@ -1,4 +1,4 @@
-"""``ahpa evaluate``: ADM's FID / sFID / IS / precision / recall for ``.npz`` samples (SPEC section 7).
+"""``ahpa evaluate``: ADM's FID / sFID / IS / precision / recall for ``.npz`` samples (docs/design.md section 7).
 
     ahpa evaluate SAMPLES.npz [SAMPLES2.npz ...] --ref VIRTUAL_imagenet256_labeled.npz \\
         [--out results.json] [--csv results.csv] [--inception PATH] [--batch 64] [--device cuda]
@@ -183,7 +183,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         help="FID / sFID / IS / precision / recall of .npz samples (ADM evaluation suite)",
-        description="ADM's FID / sFID / IS / precision / recall of .npz sample batches against a reference batch (SPEC section 7).",
+        description="ADM's FID / sFID / IS / precision / recall of .npz sample batches against a reference batch (docs/design.md section 7).",
     )
     parser.add_argument("samples", nargs="+", help="ADM .npz sample batches (arr_0: uint8 NHWC)")
     parser.add_argument("--ref", help="reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")

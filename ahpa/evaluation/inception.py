@@ -1,4 +1,4 @@
-"""Inception-v3 "2015-12-05" features for ADM's metrics (SPEC section 7).
+"""Inception-v3 "2015-12-05" features for ADM's metrics (docs/design.md section 7).
 
 The network is torch-fidelity's ``FeatureExtractorInceptionV3``: a port of the
 TF graph ADM's evaluator runs (``classify_image_graph_def.pb``), including the

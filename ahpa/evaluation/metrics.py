@@ -1,4 +1,4 @@
-"""FID, sFID, Inception Score and precision/recall with ADM's semantics (SPEC section 7).
+"""FID, sFID, Inception Score and precision/recall with ADM's semantics (docs/design.md section 7).
 
 Each function mirrors the matching piece of openai/guided-diffusion's
 ``evaluations/evaluator.py``: ``FIDStatistics.frechet_distance``,

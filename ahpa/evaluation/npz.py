@@ -1,4 +1,4 @@
-"""ADM-compatible ``.npz`` image batches (SPEC section 7).
+"""ADM-compatible ``.npz`` image batches (docs/design.md section 7).
 
 The ADM evaluation suite (openai/guided-diffusion, ``evaluations/evaluator.py``)
 reads ``arr_0`` of an ``.npz`` as uint8 images in NHWC layout, streaming it from

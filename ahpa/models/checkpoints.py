@@ -1,6 +1,6 @@
 """SiT weights in and out: our ``ema.safetensors``, published SiT and REPA ``.pt`` files.
 
-SPEC section 1: state dicts keep the public SiT/REPA key names, so a published
+docs/design.md section 1: state dicts keep the public SiT/REPA key names, so a published
 checkpoint loads into :class:`~ahpa.models.sit.SiT` after only removing wrapper
 prefixes and REPA's projectors.  The architecture is read off the tensor shapes.
 """

@@ -4,7 +4,7 @@ REPA (``train.py``) saves ``{"model", "ema", "opt", "args", "steps"}``: the onli
 with its projector ``projectors.0 = Sequential(Linear(D, 2048), SiLU, Linear(2048, 2048),
 SiLU, Linear(2048, z_dim))`` in ``model``, the EMA copy (projector too) in ``ema``,
 AdamW's state over ``model.parameters()`` in ``opt`` and the step count.  Here the SiT
-keys are REPA's own (SPEC section 1), and the projector becomes the objective's
+keys are REPA's own (docs/design.md section 1), and the projector becomes the objective's
 ``mlp3`` head on the same block (its Linear layers are 1x1 convolutions:
 ``weight[..., None, None]``).  The optimizer state is mapped parameter by
 parameter: REPA's AdamW indexes ``model.parameters()``, whose order is the order

@@ -1,4 +1,4 @@
-"""The SiT backbone (SPEC section 1): a DiT with adaLN-Zero blocks, trained as a flow.
+"""The SiT backbone (docs/design.md section 1): a DiT with adaLN-Zero blocks, trained as a flow.
 
 Module and parameter names follow facebookresearch/DiT and willisma/SiT (and the
 timm layers they use) so the published SiT and REPA state dicts load unchanged.
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ahpa.errors import AhpaError
 
-# size -> (depth, hidden, heads); SPEC section 1 table, plus "T" for CPU tests and demos.
+# size -> (depth, hidden, heads); docs/design.md section 1 table, plus "T" for CPU tests and demos.
 # Patch 1 is an addition for small latents (the toy study's 8x8 latent -> 8x8 token grid).
 _SIZES = {"T": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 SIT_CONFIGS: dict[str, dict[str, int]] = {
@@ -220,7 +220,7 @@ class SiT(nn.Module):
 
     @property
     def default_alignment_depth(self) -> int:
-        """Block whose output is aligned (SPEC section 1: S,B 3; L 6; XL 7, i.e. a quarter of the depth)."""
+        """Block whose output is aligned (docs/design.md section 1: S,B 3; L 6; XL 7, i.e. a quarter of the depth)."""
         return max(1, round(self.depth / 4))
 
     def unpatchify(self, x: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """What every prior hands to training: latent moments and target features.
 
-A prior is computed from ONE pass of a frozen encoder (SPEC section 2).  Its
+A prior is computed from ONE pass of a frozen encoder (docs/design.md section 2).  Its
 output is the contract between the extractor (on the fly), the feature cache
 (on disk) and the alignment objective:
 

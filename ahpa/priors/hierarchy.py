@@ -1,6 +1,6 @@
 """Hierarchical VAE priors: the frozen encoder's layers as alignment targets.
 
-SPEC section 2, paper Sec. 4.2, App. A (Table A.8), App. B and App. D.2.  The
+docs/design.md section 2, paper Sec. 4.2, App. A (Table A.8), App. B and App. D.2.  The
 encoder's layers are grouped G1..G4 (shallow to deep); the selected groups'
 feature maps are caught by forward hooks during the ONE ``vae.encode`` call that
 also yields the latent moments, and each map is resampled to the token grid
@@ -71,7 +71,7 @@ SD_VAE_CONFIG = MappingProxyType(
     }
 )
 
-# SPEC section 2 table / Table A.8: SD-VAE's 15 encoder layers and their output widths.
+# docs/design.md section 2 table / Table A.8: SD-VAE's 15 encoder layers and their output widths.
 # Other encoders of App. B, transcribed from their config.json (diffusers kwargs; tests build
 # randomly initialised copies).  SDXL-VAE, SD3 and FLUX keep SD-VAE's encoder layout; the 16-channel
 # ones change the latent width, scale and shift and drop quant_conv.
@@ -194,7 +194,7 @@ def grouped_layers(vae: AutoencoderKL, grouping: str = "auto", split: str = "4/4
 
 
 def layer_groups(vae: AutoencoderKL, grouping: str = "auto", split: str = "4/4") -> dict[str, list[str]]:
-    """Group name -> module paths (relative to the AutoencoderKL), SPEC section 2."""
+    """Group name -> module paths (relative to the AutoencoderKL), docs/design.md section 2."""
     return {name: [layer.path for layer in members] for name, members in grouped_layers(vae, grouping, split).items()}
 
 

@@ -1,4 +1,4 @@
-"""Loading the frozen VAE (SPEC section 2) and fingerprinting its encoder.
+"""Loading the frozen VAE (docs/design.md section 2) and fingerprinting its encoder.
 
 Any diffusers autoencoder whose ``encoder`` is diffusers' convolutional
 ``Encoder`` (conv_in, DownEncoderBlock2D stages, mid block) and whose
