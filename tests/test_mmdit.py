@@ -145,7 +145,7 @@ def test_registry_adaln_zero_and_reference_size():
     n = sum(p.numel() for p in big.parameters())
     per_block = sum(p.numel() for p in big.joint_blocks[0].parameters())
     assert (big.depth, big.hidden_size, big.num_heads, big.hidden_size // big.num_heads) == (24, 768, 24, 32)
-    assert 0.50e9 < n < 0.51e9 and 21.2e6 < per_block < 21.3e6  # baselines.md: ~21.2M per block, ~0.5B
+    assert 0.50e9 < n < 0.51e9 and 21.2e6 < per_block < 21.3e6  # docs/baselines.md: ~21.2M per block, ~0.5B
     assert big.joint_blocks[-1].context_block.pre_only and not big.joint_blocks[-2].context_block.pre_only
     tiny = build_mmdit("MMDiT-T/2", input_size=8)
     for blk in tiny.joint_blocks:  # adaLN-Zero: every residual branch starts closed

@@ -85,7 +85,7 @@ def test_ahpa_head_and_router_counts():
 
 
 def test_repa_projector_count():
-    # REPA's projector (Linear D->2048, 2048->2048, 2048->768) on 256 tokens: 2.08 G for XL (baselines.md).
+    # REPA's projector (Linear D->2048, 2048->2048, 2048->768) on 256 tokens: 2.08 G for XL (docs/baselines.md).
     with torch.device("meta"):
         head = build_head("mlp3", 1152, 768)
         x = torch.empty(1, 1152, 16, 16)

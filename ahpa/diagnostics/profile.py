@@ -7,7 +7,7 @@ or any config YAML), in one run on the current device:
   extra trainable parameters of the objective (router + heads; 0 at inference)
   and the frozen teacher, if the method has one;
 - GFLOPs per image in two conventions.  (a) DiT's (DiT issue #14, which AHPA's
-  114.46 for SiT-XL/2 follows; ``reference/baselines.md``, "The cost table"):
+  114.46 for SiT-XL/2 follows; ``docs/baselines.md``, "The cost table"):
   multiply-accumulates of the forward pass of every ``nn.Linear`` and
   ``nn.ConvNd``, attention score/value matmuls excluded (also reported with them:
   DiT's 118.6), teacher forward included, VAE excluded (the paper precomputes

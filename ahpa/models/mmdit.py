@@ -1,6 +1,6 @@
 """MMDiT backbone for text-to-image (paper Appendix C, Table 5; SD3's joint blocks as REPA's T2I uses them).
 
-REPA's configuration (``MMDiT-B/2`` here, reference/baselines.md "Text-to-image"):
+REPA's configuration (``MMDiT-B/2`` here, docs/baselines.md "Text-to-image"):
 depth 24, hidden 768 = 32 x depth, 24 heads of width 32, patch 2, 4 latent
 channels, mlp_ratio 4 with GELU(tanh), qkv bias, SDPA.  The text context is the
 CLIP ViT-L/14 token sequence ``[B, 77, 768]`` through ``context_embedder =

@@ -9,7 +9,7 @@ group ``"dinov2"``, shaped like a VAE group ``[B, L=1, D, grid, grid]`` (token
 :class:`~ahpa.align.objective.AlignmentObjective` aligns to it (single group,
 uniform router, ``mlp3`` head, no normalisation, cosine, weight 0.5).
 
-Facts followed (``reference/baselines.md``, REPA ``utils.py`` L53-101, ``train.py`` L39-60, L301-303):
+Facts followed (``docs/baselines.md``, REPA ``utils.py`` L53-101, ``train.py`` L39-60, L301-303):
 
 - architecture: the official ``dinov2_vit{s,b,l,g}14[_reg4]`` ViTs, built with timm
   (``vit_*_patch14[_reg4]_dinov2``: the same modules and key names; LayerScale,

@@ -4,7 +4,7 @@ SRA2 has no public code.  Its abstract aligns "the intermediate latent features
 of diffusion transformers with VAE features via a lightweight projection layer,
 supervised by a feature alignment loss"; the AHPA paper calls it alignment to
 "the final output of a frozen VAE encoder", a "single compressed latent".  The
-reconstruction (``reference/baselines.md``):
+reconstruction (``docs/baselines.md``):
 
 - target = the VAE posterior MEAN, scaled exactly like the diffusion input
   (:func:`~ahpa.priors.base.normalize_latent`: SD-VAE x 0.18215, or iREPA's

@@ -1,6 +1,6 @@
 """Text encoder of the text-to-image setting (paper Appendix C): CLIP ViT-L/14's text tower.
 
-U-ViT's and REPA's protocol (reference/baselines.md "Text-to-image"):
+U-ViT's and REPA's protocol (docs/baselines.md "Text-to-image"):
 ``openai/clip-vit-large-patch14``, prompts tokenised to 77 tokens with padding to
 the maximum length, the condition is ``last_hidden_state`` ``[77, 768]``; the
 empty prompt's embedding is the null condition.  Prompts longer than 77 tokens
