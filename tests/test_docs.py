@@ -216,15 +216,16 @@ def test_helpers_find_what_they_should(tmp_path):
 
 def test_helpers_detect_broken_links_and_anchors(tmp_path, monkeypatch):
     """A missing file, a missing anchor and a link leaving the repository are all reported."""
-    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "page.md").write_text("# Title\n\n## A heading: with `code`\n\n```\n## not a heading\n```\n")
-    readme = tmp_path / "README.md"
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", repo)
+    (repo / "docs").mkdir(parents=True)
+    (repo / "docs" / "page.md").write_text("# Title\n\n## A heading: with `code`\n\n```\n## not a heading\n```\n")
+    readme = repo / "README.md"
     readme.write_text(
         "[ok](docs/page.md) [ok](docs/page.md#a-heading-with-code) [gone](docs/missing.md)\n"
         "[bad anchor](docs/page.md#not-a-heading) [outside](../elsewhere.md) [web](https://example.org)\n"
     )
-    (tmp_path.parent / "elsewhere.md").write_text("x\n")
+    (tmp_path / "elsewhere.md").write_text("x\n")
     problems = broken_links(readme)
     assert len(problems) == 3, problems
     assert any("docs/missing.md" in p for p in problems)
