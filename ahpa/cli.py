@@ -15,7 +15,8 @@ from ahpa.errors import AhpaError
 
 # Each module defines register(subparsers) for the subcommands named beside it.
 COMMANDS = [
-    "ahpa.train",  # train, demo
+    "ahpa.train",  # train
+    "ahpa.demo",  # demo
     "ahpa.generate",  # sample
     "ahpa.evaluation.command",  # evaluate
     "ahpa.data.extract",  # extract

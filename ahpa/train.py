@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -26,125 +27,33 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
 
+from ahpa.build import build_backbone, build_objective, build_source, build_transport, is_text_to_image
 from ahpa.checkpointing import latest_checkpoint, load_checkpoint, resume_from_latest, save_checkpoint
-from ahpa.config import PRESETS, Config, load_config, save_config, to_dict
-from ahpa.data.batches import build_source, step_generator
+from ahpa.config import Config, load_config, save_config, to_dict
+from ahpa.data.sampler import step_generator
+from ahpa.distributed import ShardedLoadView, ShardedOptimizerLoadView, full_state_dict, full_views, is_sharded, shard_training_module, sync_ema
 from ahpa.errors import AhpaError
-from ahpa.io import RunLock, atomic_open, check_output_dir, lock_on_main_rank, remove_temps_in, write_json_atomic
-from ahpa.models.sit import SiT, build_sit
-from ahpa.transport import Transport
-
-# What a resumed run must share with the run it continues: the architecture and objective
-# (whole sections) and what fixes the data stream and the random draws (single keys).
-RESUME_SECTIONS = ("model", "prior", "teacher", "align", "vae", "transport", "text")
-RESUME_KEYS = ("data.source", "data.path", "data.resolution", "train.global_batch", "train.seed")
-
-
-class TrainingModule(torch.nn.Module):
-    """SiT plus its alignment objective: the one module that DDP wraps."""
-
-    def __init__(self, sit: SiT, objective: torch.nn.Module | None, transport: Transport):
-        super().__init__()
-        self.sit = sit
-        self.objective = objective
-        self.transport = transport
-
-    def forward(self, x0, y, t, eps, drop, features):
-        depths = tuple(self.objective.depths) if self.objective is not None else ()
-        out = self.transport.training_losses(
-            self.sit, x0, y, hidden_depths=depths, t=t, eps=eps, model_kwargs={"force_drop_ids": drop}
-        )
-        loss_diff = out["loss"]
-        if self.objective is None:
-            return loss_diff.mean(), loss_diff.detach().mean(), torch.zeros((), device=x0.device)
-        loss_align, _ = self.objective(out["hidden"], features, t)
-        return (loss_diff + loss_align).mean(), loss_diff.detach().mean(), loss_align.detach().mean()
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, keep: torch.Tensor | None = None) -> None:
-    """ema <- ema + (1 - decay) * keep * (model - ema); ``keep`` (device 0/1) masks a skipped step."""
-    from ahpa.distributed import ema_pairs
-
-    ema_params, params = ema_pairs(ema, model)  # FSDP: this rank's rows only (sync_ema gathers)
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay if keep is None else keep * (1.0 - decay))
-
-
-def _rank_slice(x: torch.Tensor, rank: int, per_rank: int) -> torch.Tensor:
-    return x[rank * per_rank : (rank + 1) * per_rank]
-
-
-def build_objective(cfg: Config, sit: SiT, group_shapes: dict[str, tuple[int, int]]):
-    if cfg.align.method == "vanilla":
-        return None
-    from ahpa.align.objective import AlignmentObjective
-
-    depths = list(cfg.align.depths) or [sit.default_alignment_depth]
-    if max(depths) > sit.depth:
-        raise AhpaError(f"align.depths {depths} exceed the backbone depth {sit.depth} of {cfg.model.name}")
-    return AlignmentObjective(
-        hidden_size=sit.hidden_size,
-        grid=sit.grid,
-        group_shapes=group_shapes,
-        depths=depths,
-        router=cfg.align.router,
-        time_encoding=cfg.align.time_encoding,
-        time_dim=cfg.align.time_dim,
-        router_hidden=cfg.align.router_hidden,
-        router_depth=cfg.align.router_depth,
-        lut_bins=cfg.align.lut_bins,
-        prototypes=cfg.align.prototypes,
-        head=cfg.align.head,
-        loss=cfg.align.loss,
-        weight=cfg.align.weight,
-        normalize=cfg.prior.normalize,
-        normalize_alpha=cfg.prior.normalize_alpha,
-        router_entropy=cfg.align.router_entropy,
-        router_temperature=cfg.align.router_temperature,
-        router_warmup_steps=cfg.align.router_warmup_steps,
-    )
-
-
-def optimizer_param_groups(module: torch.nn.Module, cfg: Config) -> list[dict]:
-    """AdamW parameter groups: one group (the paper), or with ``align.router_lr_mult != 1`` the
-    router's parameters in a second group at ``train.lr * router_lr_mult``."""
-    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    if cfg.align.router_lr_mult == 1.0:
-        return [{"params": [p for _, p in params]}]
-    router = [p for n, p in params if n.startswith("objective.router.")]
-    rest = [p for n, p in params if not n.startswith("objective.router.")]
-    return [{"params": rest}, {"params": router, "lr": cfg.train.lr * cfg.align.router_lr_mult}]
-
-
-def _check_resume_config(out: Path, cfg: Config) -> None:
-    saved = out / "config.yaml"
-    if not saved.is_file():
-        return
-    before = yaml.safe_load(saved.read_text()) or {}
-    now = to_dict(cfg)
-    keys = [f"{section}.{key}" for section in RESUME_SECTIONS for key in now[section]] + list(RESUME_KEYS)
-    for dotted in keys:
-        section, key = dotted.split(".")
-        value = now[section][key]
-        if before.get(section, {}).get(key, value) != value:
-            raise AhpaError(
-                f"{out} holds a run with {dotted}={before[section][key]!r}, but this command asks for {value!r}. "
-                f"Resume with the same settings (see {saved}) or choose a new --out directory."
-            )
+from ahpa.io import RunLock, atomic_open, check_output_dir, lock_on_main_rank, remove_temps_in, write_text_atomic
+from ahpa.models.repa import init_from_repa
+from ahpa.nonfinite import NonFiniteGuard
+from ahpa.probe.gsnr import training_gsnr
+from ahpa.resume import apply_optimizer_settings, check_resume_config
+from ahpa.router_plot import plot_router
+from ahpa.sampling import noise_for_indices, sample
+from ahpa.step import TrainingModule, optimizer_param_groups, rank_slice, update_ema
 
 
 def _save_grid(images: torch.Tensor, nrow: int, path: Path) -> None:
-    from torchvision.utils import save_image
-
     with atomic_open(path) as f:
         save_image(images.float().clamp(-1, 1) * 0.5 + 0.5, f, format="png", nrow=nrow, padding=1)
 
 
 def _releases_lock_on_error(init):
     """A Trainer whose setup fails releases its run-directory lock at once (not at garbage collection)."""
-    import functools
-
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         try:
@@ -154,10 +63,6 @@ def _releases_lock_on_error(init):
             raise
 
     return wrapper
-
-
-# Optimizer settings that a resume applies over the ones restored with the optimizer state (issue 9 item 5).
-RESUME_OPTIMIZER_KEYS = {"lr": "train.lr", "betas": "train.betas", "weight_decay": "train.weight_decay"}
 
 
 class Trainer:
@@ -187,7 +92,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self._lock = self._lock_run_dir()  # before anything reads or writes the run directory
         if resume:  # every rank reads the file: a refusal on rank 0 alone would leave the others waiting
-            _check_resume_config(self.out, cfg)
+            check_resume_config(self.out, cfg)
         elif latest_checkpoint(self.out) is not None:
             raise AhpaError(f"{self.out} already holds checkpoints of a run; without resuming they would be mixed with the new "
                             "run's (and pruned by step number): choose a new --out directory or remove its checkpoints/")
@@ -195,39 +100,21 @@ class Trainer:
         self.source = build_source(cfg, device=self.device, rank=self.rank, world=self.world, per_rank=self.per_rank)
         torch.manual_seed(cfg.train.seed)  # model initialisation is identical on every rank and for every source
         latent_channels, latent_size = self.source.latent_shape[0], self.source.latent_shape[1]
-        self.text = cfg.model.name.startswith("MMDiT")  # text-to-image (Appendix C): y is the text context
+        self.text = is_text_to_image(cfg)  # text-to-image (Appendix C): y is the text context
         if self.text and cfg.train.gsnr_every:
             raise AhpaError("train.gsnr_every is implemented for SiT (its block and label-embedder names); set train.gsnr_every=0 for an MMDiT")
+        self.sit = build_backbone(cfg, self.source.latent_shape, getattr(self.source, "context_shape", None))
         if self.text:
-            from ahpa.models.mmdit import build_mmdit
-
-            self.sit = build_mmdit(cfg.model.name, input_size=latent_size, in_channels=latent_channels,
-                                   context_tokens=self.source.context_shape[0], context_dim=self.source.context_shape[1],
-                                   class_dropout=cfg.model.class_dropout)
             self.sit.set_null_context(self.source.null_context)
-        else:
-            self.sit = build_sit(
-                cfg.model.name,
-                input_size=latent_size,
-                in_channels=latent_channels,
-                num_classes=cfg.model.num_classes,
-                class_dropout=cfg.model.class_dropout,
-                learn_sigma=cfg.model.learn_sigma,
-            )
-        self.sit.activation_checkpointing = cfg.train.activation_checkpointing
         if self.source.num_classes > cfg.model.num_classes:
             raise AhpaError(f"the data has {self.source.num_classes} classes but model.num_classes={cfg.model.num_classes}; set model.num_classes={self.source.num_classes}")
         self.objective = build_objective(cfg, self.sit, self.source.group_shapes)
         self.ema = copy.deepcopy(self.sit).requires_grad_(False).eval().to(self.device)
-        self.transport = Transport(
-            path=cfg.transport.path, time_sampling=cfg.transport.time_sampling,
-            time_mean=cfg.transport.time_mean, time_std=cfg.transport.time_std,
-        )
+        self.transport = build_transport(cfg)
         self.module = TrainingModule(self.sit, self.objective, self.transport)
         # FSDP shards the objective: router plots and logs read an unsharded copy (ahpa/distributed.py)
         self.plain_objective = copy.deepcopy(self.objective) if self.fsdp and self.objective is not None else None
         if self.fsdp and self.world > 1:  # before the optimizer: sharding replaces the parameters
-            from ahpa.distributed import shard_training_module
 
             shard_training_module(self.module.to(self.device))
         params = optimizer_param_groups(self.module, cfg)  # router lr multiplier: its own group
@@ -240,8 +127,6 @@ class Trainer:
             self.prepared, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.forward = torch.compile(self.prepared) if cfg.train.compile else self.prepared
         if self.fsdp:
-            from ahpa.distributed import is_sharded
-
             sharded = sum(is_sharded(p) for p in self.module.parameters())
             acc.print(f"FSDP2: {sharded} of {len(list(self.module.parameters()))} parameter tensors sharded over {self.world} process(es)")
 
@@ -275,14 +160,12 @@ class Trainer:
                     torch.cuda.set_rng_state(own["cuda"])
                 acc.print(f"resumed from {ckpt} at step {self.step}")
         if cfg.train.init_from and latest_checkpoint(self.out) is None:  # a new run continuing a REPA checkpoint
-            from ahpa.models.repa import init_from_repa
 
             self.step, note = init_from_repa(cfg.train.init_from, sit=self.sit, ema=self.ema, objective=self.objective,
                                              optimizer=self.optimizer, module=self.module)
             if self.step >= cfg.train.steps:
                 raise AhpaError(f"train.init_from is at step {self.step}, train.steps={cfg.train.steps} leaves nothing to train; set train.steps > {self.step} (the total count)")
             acc.print(note)
-        from ahpa.nonfinite import NonFiniteGuard
 
         self.guard = NonFiniteGuard(self.device, skipped=nonfinite_skipped,
                                     reduce=(lambda x: acc.reduce(x, reduction="sum")) if self.world > 1 else None)
@@ -313,16 +196,7 @@ class Trainer:
         """The config's optimizer settings win over those restored with the optimizer state;
         a change is printed and recorded in the checkpoints' state.json ("resumes")."""
         cfg = self.cfg.train
-        intended = optimizer_param_groups(self.module, self.cfg)  # per-group lr (router multiplier)
-        changed = {}
-        for group, plan in zip(self.optimizer.param_groups, intended):
-            wanted = {"lr": plan.get("lr", cfg.lr), "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
-            for key, value in wanted.items():
-                before = tuple(group[key]) if key == "betas" else group[key]
-                if before != value:
-                    changed[RESUME_OPTIMIZER_KEYS[key]] = [list(before) if key == "betas" else before,
-                                                           list(value) if key == "betas" else value]
-                group[key] = value
+        changed = apply_optimizer_settings(self.optimizer, optimizer_param_groups(self.module, self.cfg), self.cfg)
         self.resumes = list(state.get("resumes", []))
         if cfg.steps < self.step:
             raise AhpaError(f"{self.out} is at step {self.step}, beyond train.steps={cfg.steps}; set train.steps >= {self.step} "
@@ -341,8 +215,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
     def _grid_inputs(self):
-        from ahpa.sampling import noise_for_indices
-
         if self.text:  # one row per caption (its fixed text context), 8 samples each
             rows = self.source.grid_captions(10)
             self.grid_prompts = [self.source.captions[r] for r in rows]
@@ -358,8 +230,6 @@ class Trainer:
     @torch.no_grad()
     def save_sample_grid(self, path: Path) -> None:
         """Fixed noise and labels, EMA weights in eval mode (REPA's grid used the online model in train mode)."""
-        from ahpa.sampling import sample
-
         s = self.cfg.sample
         latents = sample(
             self.ema, self.fixed_labels.to(self.device), self.fixed_noise.to(self.device),
@@ -369,7 +239,6 @@ class Trainer:
         images = self.source.decode(latents)
         _save_grid(images.cpu(), self.grid_rows, path)
         if self.text:  # the caption of each grid row, beside the grid
-            from ahpa.io import write_text_atomic
 
             write_text_atomic(path.with_suffix(".txt"), "".join(f"{p}\n" for p in self.grid_prompts))
 
@@ -382,7 +251,6 @@ class Trainer:
     def _load_targets(self) -> dict:
         if not self.fsdp:
             return {"model": self.sit, "objective": self.objective, "optimizer": self.optimizer}
-        from ahpa.distributed import ShardedLoadView, ShardedOptimizerLoadView
 
         return {"model": ShardedLoadView(self.sit), "optimizer": ShardedOptimizerLoadView(self.optimizer),
                 "objective": ShardedLoadView(self.objective) if self.objective is not None else None}
@@ -391,7 +259,6 @@ class Trainer:
         """(model, objective, optimizer) for save_checkpoint; under FSDP gathered on every rank."""
         if not self.fsdp:
             return self.sit, self.objective, self.optimizer
-        from ahpa.distributed import full_views, sync_ema
 
         sync_ema(self.ema, self.sit)
         return full_views(self.sit, self.objective, self.optimizer, self.plain_objective)
@@ -410,8 +277,6 @@ class Trainer:
             keep_last=self.cfg.train.keep_last,
         )
         if self.objective is not None:
-            from ahpa.diagnostics.router_plot import plot_router
-
             plot_router(self.plain_objective or self.objective, ckpt / "router.png")
             plot_router(self.plain_objective or self.objective, self.out / "router.png")
         self.accelerator.wait_for_everyone()
@@ -422,10 +287,10 @@ class Trainer:
         dev = self.device  # drawn on the device: the global batch costs nothing there
         g = step_generator(self.cfg.train.seed, step, dev)
         G, C = self.cfg.train.global_batch, tuple(self.source.latent_shape)
-        post_eps = _rank_slice(torch.randn((G, *C), generator=g, device=dev), self.rank, self.per_rank)
-        t = _rank_slice(self.transport.sample_t(G, dev, generator=g), self.rank, self.per_rank)
-        eps = _rank_slice(torch.randn((G, *C), generator=g, device=dev), self.rank, self.per_rank)
-        drop = _rank_slice(torch.rand(G, generator=g, device=dev) < self.cfg.model.class_dropout, self.rank, self.per_rank)
+        post_eps = rank_slice(torch.randn((G, *C), generator=g, device=dev), self.rank, self.per_rank)
+        t = rank_slice(self.transport.sample_t(G, dev, generator=g), self.rank, self.per_rank)
+        eps = rank_slice(torch.randn((G, *C), generator=g, device=dev), self.rank, self.per_rank)
+        drop = rank_slice(torch.rand(G, generator=g, device=dev) < self.cfg.model.class_dropout, self.rank, self.per_rank)
         return self.source.sample_latent(batch, post_eps), t, eps, drop
 
     # ------------------------------------------------------------------ loop
@@ -436,14 +301,11 @@ class Trainer:
             self.close()
 
     def _run(self) -> dict:
-        from tqdm.auto import tqdm
-
         cfg, acc = self.cfg, self.accelerator
         writer = None
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-            from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.out / "tb"))
             self.wandb_run = _start_wandb(cfg, self.out) if cfg.train.wandb else None
@@ -478,14 +340,10 @@ class Trainer:
                 running = []
                 self._stop_if_diverged(writer)
             if cfg.train.gsnr_every and self.step % cfg.train.gsnr_every == 0 and writer is not None and self.objective is not None:
-                from ahpa.diagnostics.gsnr import training_gsnr  # optional G-SNR monitor (paper Sec. 3)
-
                 with acc.autocast():
                     for key, value in training_gsnr(self.module, x0, batch, self.step, cfg.train.seed).items():
                         writer.add_scalar(key, value, self.step)
             if self.fsdp and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
-                from ahpa.distributed import sync_ema
-
                 sync_ema(self.ema, self.sit)  # every rank: the grid needs the whole EMA
             if acc.is_main_process and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                 self.save_sample_grid(self.out / "samples" / f"{self.step:07d}.png")
@@ -542,7 +400,6 @@ class Trainer:
                   "nonfinite_skipped": skipped}
         self.history.append(record)
         if self.plain_objective is not None:  # FSDP: every rank gathers the router weights
-            from ahpa.distributed import full_state_dict
 
             self.plain_objective.load_state_dict(full_state_dict(self.objective))
         if writer is None:
@@ -582,47 +439,6 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_config(out: str, method: str, overrides: list[str], task: str = "class") -> Config:
-    cfg = load_config(PRESETS / ("toy-t2i.yaml" if task == "t2i" else "toy.yaml"), overrides)
-    cfg.train.out = out
-    if method == "vanilla":
-        cfg.align.method = "vanilla"
-    return cfg
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    task = getattr(args, "task", "class")
-    out_dir = args.out or ("runs/demo-t2i" if task == "t2i" else "runs/demo")
-    cfg = demo_config(out_dir, args.method, args.overrides, task=task)
-    trainer = Trainer(cfg, resume=not args.no_resume)
-    setup = time.perf_counter() - t0
-    metrics = trainer.run()
-    metrics["setup_seconds"] = setup
-    metrics["total_seconds"] = time.perf_counter() - t0
-    metrics["method"] = cfg.align.method
-    metrics["parameters"] = sum(p.numel() for p in trainer.sit.parameters())
-    if trainer.objective is not None:
-        from ahpa.align.objective import extra_parameters
-        from ahpa.diagnostics.router_plot import router_deviation
-
-        metrics["alignment_parameters"] = extra_parameters(trainer.objective)
-        metrics["router_max_deviation_from_uniform"] = router_deviation(trainer.objective)
-    out = Path(cfg.train.out)
-    if task == "t2i":  # does the final grid follow its captions better than the first? (ahpa/t2i_demo.py)
-        from ahpa.t2i_demo import caption_following
-
-        metrics["caption_following"] = caption_following(out, cfg.data.resolution)
-        print(f"caption following (digits classifier on the grid cells): {metrics['caption_following']['summary']}")
-    write_json_atomic(out / "metrics.json", metrics, indent=2)
-    print(f"demo finished in {metrics['total_seconds']:.0f} s: {out}/samples.png, {out}/metrics.json"
-          + (f", {out}/router.png" if trainer.objective is not None else ""))
-    if metrics["stopped_early"]:
-        print(f"note: stopped by train.max_minutes={cfg.train.max_minutes} at step {metrics['steps']} of {cfg.train.steps} "
-              "(a busy machine); rerun the same command to continue from the checkpoint")
-    return 0
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a SiT (vanilla or with an alignment objective)")
     p.add_argument("--config", help="YAML config (e.g. configs/sit-b2-ahpa.yaml)")
@@ -630,12 +446,3 @@ def register(subparsers) -> None:
     p.add_argument("--no-resume", action="store_true", help="do not resume from OUT/checkpoints/latest")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides; they win over the YAML file")
     p.set_defaults(func=run_train)
-
-    d = subparsers.add_parser("demo", help="train a tiny SiT with AHPA on the bundled digits in a few CPU minutes")
-    d.add_argument("--out", default=None, help="output directory (default runs/demo, or runs/demo-t2i with --task t2i)")
-    d.add_argument("--method", choices=("ahpa", "vanilla"), default="ahpa")
-    d.add_argument("--task", choices=("class", "t2i"), default="class",
-                   help="class: SiT on class labels (configs/toy.yaml); t2i: MMDiT on captioned digits (configs/toy-t2i.yaml)")
-    d.add_argument("--no-resume", action="store_true")
-    d.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/toy.yaml")
-    d.set_defaults(func=run_demo)

@@ -1,4 +1,4 @@
-"""Per-sample gradient methods for G-SNR, measured in one run (docs/design.md section 6; ahpa/diagnostics/per_sample.py).
+"""Per-sample gradient methods for G-SNR, measured in one run (docs/design.md section 6; ahpa/probe/per_sample.py).
 
 For one batch of n samples at one t, times ``grad_stats`` with the ghost-norm method,
 torch.func vmap in chunks, and the loop of single-sample backward passes, over the
@@ -21,8 +21,8 @@ import time
 import torch
 
 from ahpa.align.objective import AlignmentObjective
-from ahpa.diagnostics.gsnr import AlignmentProbe, select_parameters, training_gsnr
-from ahpa.diagnostics.per_sample import grad_stats
+from ahpa.probe.gsnr import AlignmentProbe, select_parameters, training_gsnr
+from ahpa.probe.per_sample import grad_stats
 from ahpa.models.sit import build_sit
 from ahpa.transport import Transport
 

@@ -13,7 +13,7 @@ from ahpa.align.losses import alignment_loss
 from ahpa.align.normalize import normalize_features
 from ahpa.align.objective import AlignmentObjective, extra_parameters
 from ahpa.align.router import ROUTER_KINDS, build_router
-from ahpa.diagnostics.router_plot import plot_router, router_deviation
+from ahpa.router_plot import plot_router, router_deviation
 from ahpa.errors import AhpaError
 
 GROUPS = {"G3": (3, 8), "G4": (2, 6)}  # small but unequal L and C, to catch mix-ups

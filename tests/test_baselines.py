@@ -92,7 +92,7 @@ def test_every_config_loads_and_the_baselines_have_their_recipes():
 def test_repa_objective_is_repas_projector_and_loss():
     """mlp3 = REPA's build_mlp; with no normalisation the target is the teacher tokens; loss = REPA's."""
     from ahpa.models.sit import build_sit
-    from ahpa.train import build_objective
+    from ahpa.build import build_objective
 
     c = load_config(CONFIGS / "sit-b2-repa.yaml", ["data.path=/d", "model.name=SiT-T/2"])
     sit = build_sit("SiT-T/2", input_size=8, num_classes=10)
@@ -264,7 +264,8 @@ def test_teacher_features_cached_with_flips_and_refused_when_missing(image_folde
 
 
 def test_the_teacher_sees_the_flipped_image_on_the_fly(image_folder, tmp_path):
-    from ahpa.data.batches import build_source, step_generator
+    from ahpa.build import build_source
+from ahpa.data.sampler import step_generator
 
     c = load_config(CONFIGS / "toy-repa.yaml", [f"data.path={image_folder}", "data.source=images", "data.hflip=true", "train.seed=3",
                                                  *FAST, "model.num_classes=10"])

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ahpa.align.objective import AlignmentObjective
-from ahpa.diagnostics.gsnr import AlignmentProbe, select_parameters
-from ahpa.diagnostics.per_sample import grad_stats
+from ahpa.probe.gsnr import AlignmentProbe, select_parameters
+from ahpa.probe.per_sample import grad_stats
 from ahpa.errors import AhpaError
 from ahpa.models.sit import SiT
 from ahpa.transport import Transport

@@ -13,7 +13,9 @@ import torch
 
 from ahpa.config import load_config
 from ahpa.models.sit import build_sit
-from ahpa.train import Trainer, TrainingModule, build_objective
+from ahpa.build import build_objective
+from ahpa.step import TrainingModule
+from ahpa.train import Trainer
 from ahpa.transport import Transport
 from helpers import randomised
 from test_train import TOY, _free_port, toy_cfg, weights

@@ -109,7 +109,7 @@ def small_toy(monkeypatch):
 
 def skip_grids(monkeypatch) -> None:
     """Skip the sample grids and router plots (tested elsewhere): they cost more than a tiny step."""
-    import ahpa.diagnostics.router_plot as router_plot
+    import ahpa.router_plot as router_plot
 
     monkeypatch.setattr(Trainer, "save_sample_grid", lambda self, path: None)
     monkeypatch.setattr(router_plot, "plot_router", lambda objective, path: None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ahpa.cli import main
-from ahpa.data.batches import build_source
+from ahpa.build import build_source
 from ahpa.data.coco import draw_caption_rows
 from ahpa.priors.text import load_clip_text_encoder
 from ahpa.train import Trainer

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from ahpa.checkpointing import latest_checkpoint
 from ahpa.config import load_config
 from ahpa.errors import AhpaError
-from ahpa.train import Trainer, update_ema
+from ahpa.step import update_ema
+from ahpa.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "configs" / "toy.yaml"

@@ -12,13 +12,14 @@ import torch
 from PIL import Image
 
 from ahpa.config import load_config
-from ahpa.data.batches import build_source
+from ahpa.build import build_source
 from ahpa.data.extract import extract_cache
 from ahpa.data.toy import load_toy
 from ahpa.errors import AhpaError
 from ahpa.priors.hierarchy import HierarchicalVAEPrior
 from ahpa.priors.vae import load_vae
-from ahpa.train import Trainer, demo_config, run_demo
+from ahpa.demo import demo_config, run_demo
+from ahpa.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOY = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"

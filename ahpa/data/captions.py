@@ -17,18 +17,23 @@ the shards' sizes and sha256).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ahpa.config import Config
 from ahpa.data.coco import draw_caption_rows
 from ahpa.errors import AhpaError
-from ahpa.io import file_sha256, remove_stale_temps, write_json_atomic
+from ahpa.io import atomic_path, file_sha256, remove_stale_temps, write_json_atomic
+from ahpa.priors.text import load_clip_text_encoder
 
 TEXT_MANIFEST = "text.json"
 TEXT_FORMAT = "ahpa-text-cache"
@@ -65,11 +70,13 @@ class CachedTextStore:
         self._files: dict[int, object] = {}
 
     def _open(self, k: int):
-        from safetensors import safe_open
-
         if k not in self._files:
             self._files[k] = safe_open(os.fspath(self.path / self.manifest["shards"][k]["file"]), framework="pt")
         return self._files[k]
+
+    def null_context(self) -> Tensor:
+        """The empty prompt's embedding written beside the shards (``null.safetensors``)."""
+        return load_file(os.fspath(self.path / "null.safetensors"))["context"]
 
     def lookup(self, rows: Tensor, device) -> Tensor:
         out = []
@@ -102,14 +109,9 @@ def extract_text_cache(captions: list[str], offsets: np.ndarray, encoder, out: s
 
     ``stop_after``: return after this many shards, as if killed (tests).
     """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    from ahpa.io import atomic_path
-
     out = Path(out)
     plan = {"format": TEXT_FORMAT, "encoder": encoder.describe(), "count": len(captions), "shard_size": shard_size,
-            "captions_sha256": _captions_hash(captions), **(describe or {})}
+            "captions_sha256": captions_hash(captions), **(describe or {})}
     for sub in ("shards", "progress"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     plan_file = out / "plan.json"
@@ -174,9 +176,7 @@ def verify_text_cache(path: str | os.PathLike) -> list[str]:
     return [f"{s['file']}: sha256 mismatch" for s in manifest["shards"] if file_sha256(Path(path) / s["file"]) != s["sha256"]]
 
 
-def _captions_hash(captions: list[str]) -> str:
-    import hashlib
-
+def captions_hash(captions: list[str]) -> str:
     return hashlib.sha256("\n".join(captions).encode()).hexdigest()
 
 
@@ -227,28 +227,16 @@ class CaptionSource:
         return [int(self.offsets[i]) for i in picks]
 
 
-def _text_encoder(cfg: Config, device):
-    from ahpa.priors.text import load_clip_text_encoder
-
-    return load_clip_text_encoder(cfg.text.encoder, device=device)
-
-
 def toy_text_embeddings(cfg: Config, captions: list[str], device) -> tuple[Tensor, Tensor]:
     """Embeddings of the toy captions and of the empty prompt, cached in ``OUT/text_embeddings.safetensors``."""
-    from safetensors.torch import load_file, save_file
-
-    from ahpa.io import atomic_path
-
     file = Path(cfg.train.out) / "text_embeddings.safetensors"
-    key = json.dumps({"encoder": cfg.text.encoder, "captions": _captions_hash(captions)})
+    key = json.dumps({"encoder": cfg.text.encoder, "captions": captions_hash(captions)})
     if file.is_file():
-        from safetensors import safe_open
-
         with safe_open(os.fspath(file), framework="pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 data = load_file(os.fspath(file))
                 return data["captions"], data["null"]
-    encoder = _text_encoder(cfg, device)
+    encoder = load_clip_text_encoder(cfg.text.encoder, device=device)
     emb, report = encoder.encode(list(captions) + [""])
     if report.line():
         print(f"note: {report.line()}")
@@ -257,59 +245,3 @@ def toy_text_embeddings(cfg: Config, captions: list[str], device) -> tuple[Tenso
     with atomic_path(file) as tmp:
         save_file({"captions": emb[:-1].contiguous(), "null": emb[-1:].contiguous()}, tmp, metadata={"key": key})
     return emb[:-1], emb[-1:]
-
-
-def build_caption_source(cfg: Config, *, device, rank: int, world: int, per_rank: int) -> CaptionSource:
-    from ahpa.data import batches
-
-    if not cfg.model.name.startswith("MMDiT"):
-        raise AhpaError(f"data.source={cfg.data.source} has captions, which only an MMDiT model reads; set model.name=MMDiT-B/2 (or MMDiT-T/2)")
-    source = cfg.data.source
-    if source == "toy_captions":
-        from ahpa.data.coco import load_captioned_toy
-
-        images, classes, per_class = load_captioned_toy("train", cfg.data.resolution)
-        inner = batches.InMemorySource(cfg, device, rank, world, per_rank, images, classes)
-        captions = [c for caps in per_class for c in caps]
-        offsets = np.cumsum([0] + [len(c) for c in per_class])
-        emb, null = toy_text_embeddings(cfg, captions, inner.device)
-        return CaptionSource(inner, offsets, captions, TensorTextStore(emb), null, cfg.text.context_tokens)
-    if source == "coco":
-        from ahpa.data.coco import CocoImages
-
-        dataset = CocoImages(cfg.data.path, cfg.text.split, cfg.data.resolution)
-        inner = batches.ImageSource(cfg, device, rank, world, per_rank, dataset=dataset)
-        coco = dataset.coco
-        captions, offsets = coco.flat, coco.offsets
-    elif source == "cache":
-        inner = batches.CacheSource(cfg, device, rank, world, per_rank)
-        captions = offsets = None
-    else:
-        raise AhpaError(f"data.source={source} has no captions for an MMDiT; use coco, cache (a COCO cache) or toy_captions")
-    if cfg.text.cache:
-        store = CachedTextStore(cfg.text.cache)
-        manifest = store.manifest
-        if captions is not None and manifest["captions_sha256"] != _captions_hash(captions):
-            raise AhpaError(f"text cache {cfg.text.cache} holds the captions of another annotation file than {cfg.data.path}")
-        images = getattr(inner, "dataset", None)
-        files = images.manifest.get("images", {}).get("file_list_sha256") if hasattr(images, "manifest") else None
-        if files is not None and manifest.get("file_list_sha256") not in (None, files):
-            raise AhpaError(f"text cache {cfg.text.cache} was made for another image list than the feature cache {cfg.data.path}; "
-                            "use the OUT/text that `ahpa extract --coco` wrote beside that cache")
-        captions, offsets = manifest["captions"], np.asarray(manifest["offsets"])
-        from safetensors.torch import load_file
-
-        null = load_file(os.fspath(Path(cfg.text.cache) / "null.safetensors"))["context"]
-    else:
-        if captions is None:
-            if not cfg.text.coco:
-                raise AhpaError("an MMDiT trained from a feature cache needs its captions: set text.cache=CACHE/text "
-                                "(from `ahpa extract --coco`) or text.coco=/path/to/coco")
-            from ahpa.data.coco import CocoCaptions
-
-            coco = CocoCaptions(cfg.text.coco, cfg.text.split)
-            captions, offsets = coco.flat, coco.offsets
-        encoder = _text_encoder(cfg, inner.device)
-        store = EncoderTextStore(encoder, captions)
-        null = encoder.null_embedding().cpu()
-    return CaptionSource(inner, offsets, captions, store, null, cfg.text.context_tokens)

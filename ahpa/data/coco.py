@@ -25,10 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from ahpa.data.images import FORMATS, ImageReport, LoadResult, file_list_sha256, to_rgb
+from ahpa.data.sampler import step_generator
+from ahpa.data.toy import load_toy
 from ahpa.errors import AhpaError
 
 SPLITS = ("train2014", "val2014")
@@ -107,7 +110,6 @@ def draw_caption_rows(image_index: Tensor, offsets: Tensor, seed: int, step: int
     ``rank * per_rank``).  One uniform draw per global-batch position from the step's
     generator picks caption ``floor(u * n_captions)`` of each image.
     """
-    from ahpa.data.batches import step_generator
 
     per_rank = len(image_index) if per_rank is None else per_rank
     device = image_index.device
@@ -184,9 +186,6 @@ def load_captioned_toy(split: str = "train", resolution: int = 32) -> tuple[Tens
 
     Class ``2 * digit + weight``; each class has the captions of :data:`TEMPLATES`.
     """
-    import torch.nn.functional as F
-
-    from ahpa.data.toy import load_toy
 
     images, labels = load_toy(split, resolution)
     bold = F.max_pool2d(images.float(), 3, stride=1, padding=1).to(torch.uint8)

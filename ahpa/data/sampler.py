@@ -23,8 +23,18 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import torch
 
 from ahpa.errors import AhpaError
+
+
+def step_generator(seed: int, step: int, device="cpu", stream: int = 0) -> torch.Generator:
+    """The generator of all random draws of global step ``step`` (``stream`` separates independent uses).
+
+    Seeded by (seed, step) alone, so a resumed run draws what an uninterrupted one
+    would, and every rank draws the same global-batch values and takes its slice.
+    """
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7 + stream) % (2**63 - 1))
 
 
 class ResumableSampler:

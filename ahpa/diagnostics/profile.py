@@ -42,22 +42,29 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ahpa.config import LATENT_GROUP, PRESETS, TEACHER_GROUP, VAE_GROUPS, Config, load_config
+from ahpa.build import (
+    build_backbone,
+    build_objective,
+    build_prior,
+    build_transport,
+    latent_geometry,
+    target_shapes,
+    teacher_name,
+    vae_architecture,
+    vae_groups,
+)
+from ahpa.config import PRESETS, TEACHER_GROUP, Config, load_config
 from ahpa.errors import AhpaError
 from ahpa.io import write_json_atomic
+from ahpa.models.sit import SIT_CONFIGS
+from ahpa.priors.dinov2 import DINOv2Teacher
+from ahpa.priors.vae import vae_downsample_factor
+from ahpa.step import TrainingModule, update_ema
 
 METHOD_NAMES = ("vanilla", "ahpa", "repa", "sra2")
-# DINOv2 hub names (REPA's ``dinov2_vitb14``) -> the timm architecture of the same network.
-TIMM_DINOV2 = {
-    "dinov2_vits14": "vit_small_patch14_dinov2", "dinov2_vitb14": "vit_base_patch14_dinov2",
-    "dinov2_vitl14": "vit_large_patch14_dinov2", "dinov2_vitg14": "vit_giant_patch14_dinov2",
-    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2", "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
-    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2", "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2",
-}
 # FlopCounterMode ops that are attention matmuls (fused SDPA kernels, or bmm of the math path).
 _ATTENTION_OPS = ("bmm", "baddbmm", "scaled_dot_product", "flash_attention", "efficient_attention", "flex_attention")
 
@@ -143,95 +150,27 @@ class Method:
 
 
 def load_method(method: str, model: str, resolution: int, overrides: list[str]) -> Method:
-    from ahpa.models.sit import SIT_CONFIGS
-    from ahpa.priors.vae import vae_downsample_factor
-
     if model not in SIT_CONFIGS:
         raise AhpaError(f"unknown model '{model}'; valid names: {', '.join(SIT_CONFIGS)}")
     path = method_config_path(method, model)
     # The profiler feeds random tensors: the data section only has to validate (toy needs no path).
     cfg = load_config(path, [f"model.name={model}", f"data.resolution={resolution}", "data.source=toy", *overrides])
-    vae = _vae_architecture(cfg)
+    with torch.device("meta"):
+        vae = vae_architecture(cfg)
     factor, patch = vae_downsample_factor(vae), SIT_CONFIGS[model]["patch_size"]
     if resolution % (factor * patch):
         raise AhpaError(f"--resolution {resolution} is not a multiple of {factor * patch} (VAE factor {factor} x patch {patch}) for {model}")
-    latent = resolution // factor
-    grid = latent // patch
-    shapes: dict[str, tuple[int, int]] = {}
-    aligned = cfg.align.method != "vanilla" and cfg.prior.kind != "none"
-    vae_groups = [g for g in cfg.prior.groups if g in VAE_GROUPS] if aligned else []
-    if vae_groups:
-        from ahpa.priors.hierarchy import HierarchicalVAEPrior
-
-        prior = HierarchicalVAEPrior(vae, groups=vae_groups, grid=grid, grouping=cfg.prior.grouping,
-                                     split=cfg.prior.split, resample=cfg.prior.resample)
-        shapes.update(prior.group_shapes)
-    if aligned and LATENT_GROUP in cfg.prior.groups:  # SRA2 reconstruction: a function of the latent
-        from ahpa.priors.latent import latent_group_shape
-
-        shapes[LATENT_GROUP] = latent_group_shape((vae.config.latent_channels, latent, latent), grid, cfg.prior.latent_target)
-    teacher = teacher_name(cfg) if aligned else None
-    if teacher is not None:
-        shapes[TEACHER_GROUP] = (1, _teacher_width(teacher))
+    latent_shape, grid = latent_geometry(cfg, vae)
+    prior = build_prior(cfg, vae, grid) if vae_groups(cfg) else None
+    shapes = target_shapes(cfg, prior, latent_shape, grid)
     shapes = {g: shapes[g] for g in cfg.prior.groups if g in shapes}  # the objective's target order
     label = Path(method).stem if method.endswith((".yaml", ".yml")) else method
-    return Method(label, str(path), cfg, (vae.config.latent_channels, latent, latent), shapes, teacher)
+    return Method(label, str(path), cfg, latent_shape, shapes, teacher_name(cfg))
 
 
-def _vae_architecture(cfg: Config):
-    """The VAE's architecture on the meta device (no weights): from its local config.json
-    (``tiny``, a directory, or the Hugging Face cache), else SD-VAE's for the SD-VAE repo ids."""
-    import json
-
-    from diffusers import AutoencoderKL
-    from huggingface_hub import constants as hf_constants
-    from huggingface_hub import try_to_load_from_cache
-
-    from ahpa.priors.hierarchy import SD_VAE_CONFIG
-    from ahpa.priors.vae import TINY_VAE_DIR
-
-    path = cfg.vae.path
-    candidates = [TINY_VAE_DIR / "config.json"] if path == "tiny" else [Path(path) / "config.json", Path(path) / "vae" / "config.json"]
-    config = next((json.loads(c.read_text()) for c in candidates if c.is_file()), None)
-    if config is None and "/" in path and not Path(path).exists():
-        for name in ("config.json", "vae/config.json"):
-            try:
-                found = try_to_load_from_cache(path, name, cache_dir=hf_constants.HF_HUB_CACHE)
-            except ValueError:  # not a valid repo id
-                break
-            if isinstance(found, str):
-                config = json.loads(Path(found).read_text())
-                break
-    if config is None:
-        if not path.startswith("stabilityai/sd-vae-ft-"):
-            raise AhpaError(f"cannot find the config.json of vae.path={path!r} (local directory, 'tiny' or the Hugging Face cache); "
-                            "the profiler needs only the VAE's architecture: set vae.path to a directory holding config.json")
-        config = dict(SD_VAE_CONFIG)  # the same architecture, weights not needed
-    with torch.device("meta"):
-        return AutoencoderKL.from_config(config)
-
-
-def teacher_name(cfg: Config) -> str | None:
-    """The DINOv2 teacher a config trains with (REPA), or None.
-
-    A config trains with one when ``prior.groups`` holds the teacher group (``dinov2``); its name is
-    ``teacher.model``."""
-    if TEACHER_GROUP in cfg.prior.groups or cfg.align.method == "repa":
-        return cfg.teacher.model
-    return None
-
-
-def _teacher_width(name: str) -> int:
-    if name not in TIMM_DINOV2:
-        raise AhpaError(f"unknown DINOv2 teacher '{name}'; choose one of {', '.join(TIMM_DINOV2)}")
-    return {"s": 384, "b": 768, "l": 1024, "g": 1536}[name.split("_vit")[1][0]]
-
-
-def build_teacher(name: str, grid: int) -> nn.Module:
+def cost_teacher(name: str, grid: int) -> nn.Module:
     """REPA's frozen teacher for cost purposes: the project's DINOv2 prior, randomly initialised
     (the real architecture; the cost does not depend on the weights)."""
-    from ahpa.priors.dinov2 import DINOv2Teacher
-
     teacher = DINOv2Teacher(name, grid=grid, weights="random").to(torch.get_default_device())  # meta when counting
     teacher.source = f"ahpa.priors.dinov2 {name} at {teacher.input_size} px, randomly initialised"
     return teacher.requires_grad_(False).eval()
@@ -245,19 +184,11 @@ class Built:
 
 def build_method(method: Method) -> Built:
     """The SiT, its objective and the training module (and the teacher), on the current default device."""
-    from ahpa.models.sit import build_sit
-    from ahpa.train import TrainingModule, build_objective
-    from ahpa.transport import Transport
-
     cfg = method.cfg
-    C, h, _ = method.latent_shape
-    sit = build_sit(cfg.model.name, input_size=h, in_channels=C, num_classes=cfg.model.num_classes,
-                    class_dropout=cfg.model.class_dropout, learn_sigma=cfg.model.learn_sigma)
+    sit = build_backbone(cfg, method.latent_shape)
     objective = build_objective(cfg, sit, method.group_shapes)
-    transport = Transport(path=cfg.transport.path, time_sampling=cfg.transport.time_sampling,
-                          time_mean=cfg.transport.time_mean, time_std=cfg.transport.time_std)
-    teacher = build_teacher(method.teacher, sit.grid) if method.teacher else None
-    return Built(TrainingModule(sit, objective, transport).train(), teacher)
+    teacher = cost_teacher(method.teacher, sit.grid) if method.teacher else None
+    return Built(TrainingModule(sit, objective, build_transport(cfg)).train(), teacher)
 
 
 def random_inputs(method: Method, batch: int, device, resolution: int) -> dict:
@@ -336,8 +267,6 @@ class StepRunner:
     """One method's real training step on a device, with its optimizer and EMA."""
 
     def __init__(self, method: Method, batch: int, device: torch.device, resolution: int):
-        from ahpa.train import update_ema
-
         self.method, self.device, self.update_ema = method, device, update_ema
         cfg = method.cfg
         torch.manual_seed(cfg.train.seed)

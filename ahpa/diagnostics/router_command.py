@@ -64,7 +64,7 @@ def objective_from_checkpoint(ckpt: Path, shapes: dict | None = None):
 def run_router(args: argparse.Namespace) -> int:
     from ahpa.checkpointing import latest_checkpoint
     from ahpa.diagnostics.gsnr import checkpoint_dir
-    from ahpa.diagnostics.router_plot import plot_router, plot_router_training
+    from ahpa.router_plot import plot_router, plot_router_training
     from ahpa.io import write_json_atomic
 
     at = [float(v) for v in args.at.split(",") if v.strip()]

@@ -29,13 +29,15 @@ Facts followed (``docs/baselines.md``, REPA ``utils.py`` L53-101, ``train.py`` L
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants, try_to_load_from_cache
+from safetensors.torch import load_file
 from torch import nn
 
+from ahpa.config import TEACHER_GROUP
 from ahpa.errors import AhpaError
 
 PATCH = 14
@@ -48,7 +50,6 @@ TEACHERS = {
     for s, size in _SIZES.items()
     for r in ("", "_reg")
 }
-from ahpa.config import TEACHER_GROUP  # noqa: E402  (the group name in prior.groups)
 
 
 def official_filename(name: str) -> str:
@@ -71,7 +72,6 @@ def find_weights(name: str) -> Path:
     hub = Path(torch.hub.get_dir()) / "checkpoints" / official_filename(name)
     if hub.is_file():
         return hub
-    from huggingface_hub import constants, try_to_load_from_cache
 
     for filename in ("model.safetensors", "pytorch_model.bin"):
         found = try_to_load_from_cache(timm_repo(name), filename, cache_dir=constants.HF_HUB_CACHE)
@@ -88,8 +88,6 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         raise AhpaError(f"DINOv2 weight file '{path}' does not exist; pass the official {'dinov2_vitb14_pretrain.pth'}-style file or timm's model.safetensors")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -205,13 +203,10 @@ class DINOv2Teacher(nn.Module):
         return tokens.transpose(1, 2).reshape(B, 1, D, self.grid, self.grid)
 
 
-def build_teacher(cfg, grid: int, device=None) -> DINOv2Teacher:
-    """The teacher of a run config (``teacher.*``); says so when it is randomly initialised."""
-    teacher = DINOv2Teacher(cfg.teacher.model, grid=grid, weights=cfg.teacher.weights, input_size=cfg.teacher.input_size)
-    if teacher.randomly_initialised and int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: the DINOv2 teacher {teacher.name} is RANDOMLY INITIALISED (teacher.weights=random): the real architecture, "
-              "not REPA's pretrained features; for REPA results put the official weights in place (see README)")
-    return teacher.to(device)
+def teacher_width(name: str) -> int:
+    """Embedding width of a DINOv2 teacher (its hub name), without building it."""
+    _check_name(name)
+    return {"s": 384, "b": 768, "l": 1024, "g": 1536}[name.split("_vit")[1][0]]
 
 
 def teacher_cache_fields(teacher: DINOv2Teacher) -> dict:
@@ -219,32 +214,23 @@ def teacher_cache_fields(teacher: DINOv2Teacher) -> dict:
     return teacher.describe()
 
 
-def check_cache_teacher(cfg, path) -> None:
+def check_cache_teacher(manifest: dict, path, model: str, grid: int, input_size: int = 0) -> None:
     """Refuse a run that aligns to "dinov2" on a cache written without teacher features (or with another teacher).
 
     Checks the teacher name and token grid recorded by ``ahpa extract --teacher``; the weights'
     hash is recorded for provenance only (a cache run needs no teacher weights).
     """
-    from ahpa.data.batches import _groups
-    from ahpa.data.cache import read_manifest
-
-    if TEACHER_GROUP not in _groups(cfg):
-        return
-    manifest = read_manifest(path)
     stored = (manifest.get("teachers") or {}).get(TEACHER_GROUP)
     if stored is None or TEACHER_GROUP not in manifest.get("features", {}):
         raise AhpaError(
             f"feature cache '{path}' holds no DINOv2 teacher features (missing prior '{TEACHER_GROUP}'; it holds {sorted(manifest.get('features', {}))}); "
-            f"re-extract it with `ahpa extract ... --teacher {cfg.teacher.model}`, or train REPA from images (data.source=images computes the teacher on the fly)"
+            f"re-extract it with `ahpa extract ... --teacher {model}`, or train REPA from images (data.source=images computes the teacher on the fly)"
         )
-    if stored.get("model") != cfg.teacher.model:
-        raise AhpaError(f"feature cache '{path}' holds teacher features of {stored.get('model')}, the run asks for teacher.model={cfg.teacher.model}; "
+    if stored.get("model") != model:
+        raise AhpaError(f"feature cache '{path}' holds teacher features of {stored.get('model')}, the run asks for teacher.model={model}; "
                         "re-extract with that teacher or set teacher.model to the cached one")
-    from ahpa.data.batches import _patch_size
-
-    grid = manifest["latent_shape"][-1] // _patch_size(cfg.model.name)
     if stored.get("grid") != grid:
         raise AhpaError(f"feature cache '{path}' holds teacher features on a {stored.get('grid')}x{stored.get('grid')} grid "
-                        f"({stored.get('input_size')} px), but {cfg.model.name} has a {grid}x{grid} token grid here; re-extract with --config of this model (or --grid {grid})")
-    if cfg.teacher.input_size and cfg.teacher.input_size != stored.get("input_size"):
-        raise AhpaError(f"feature cache '{path}' holds teacher features at {stored.get('input_size')} px, the run asks for teacher.input_size={cfg.teacher.input_size}")
+                        f"({stored.get('input_size')} px), but the model has a {grid}x{grid} token grid here; re-extract with --config of this model (or --grid {grid})")
+    if input_size and input_size != stored.get("input_size"):
+        raise AhpaError(f"feature cache '{path}' holds teacher features at {stored.get('input_size')} px, the run asks for teacher.input_size={input_size}")

@@ -1,0 +1,303 @@
+"""From a config to modules: the one place where each piece of a run is built.
+
+Training, sampling, extraction, the diagnostics, the profiler and the study runner
+all call these functions; nothing else passes config values to the constructors.
+
+    cfg --> build_vae ------------> vae --+--> build_prior (HierarchicalVAEPrior, groups G1..G4)
+        |                                 +--> latent_shape, grid (latent side / patch size)
+        +-> build_teacher (REPA's DINOv2, group "dinov2")
+        +-> target_shapes: (layers, channels) of every aligned group, in the objective's order
+        +-> build_backbone (SiT or MMDiT) --> build_objective (router + heads + loss; None for vanilla)
+        +-> build_transport
+        +-> build_source: the data source, handed the VAE, prior and teacher built here
+
+``build_for_shapes`` builds backbone, objective and group shapes from the VAE's
+architecture alone (no weights, any device including ``meta``): what the profiler,
+checkpoint readers and the 0.3.0 compatibility test need.  The conventions are in
+docs/design.md section 10.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+
+from ahpa.align.objective import AlignmentObjective
+from ahpa.config import LATENT_GROUP, TEACHER_GROUP, VAE_GROUPS, Config
+from ahpa.data.batches import BatchSource, CacheSource, ImageSource, InMemorySource
+from ahpa.data.cache import read_manifest
+from ahpa.data.captions import CachedTextStore, CaptionSource, EncoderTextStore, TensorTextStore, captions_hash, toy_text_embeddings
+from ahpa.data.coco import CocoCaptions, CocoImages, load_captioned_toy
+from ahpa.data.images import ImageFolderDataset
+from ahpa.data.toy import load_toy
+from ahpa.errors import AhpaError
+from ahpa.models.mmdit import MMDIT_CONFIGS, MMDiT, build_mmdit
+from ahpa.models.sit import SIT_CONFIGS, SiT, build_sit
+from ahpa.priors.dinov2 import DINOv2Teacher, check_cache_teacher, teacher_width
+from ahpa.priors.hierarchy import SD_VAE_CONFIG, HierarchicalVAEPrior
+from ahpa.priors.latent import latent_group_shape
+from ahpa.priors.text import CLIP_L14_TEXT, load_clip_text_encoder
+from ahpa.priors.vae import TINY_VAE_DIR, load_vae, vae_downsample_factor, vae_scaling_factor, vae_shift_factor
+from ahpa.transport import Transport
+
+
+# ---------------------------------------------------------------------- what a config asks for
+def patch_size(model_name: str) -> int:
+    """The patch size of a registry backbone (SiT or MMDiT)."""
+    configs = {**SIT_CONFIGS, **MMDIT_CONFIGS}
+    if model_name not in configs:
+        raise AhpaError(f"unknown model '{model_name}'; choose one of {', '.join(configs)}")
+    return configs[model_name]["patch_size"]
+
+
+def is_text_to_image(cfg: Config) -> bool:
+    """An MMDiT reads a text context instead of class labels (App. C)."""
+    return cfg.model.name.startswith("MMDiT")
+
+
+def aligned_groups(cfg: Config) -> tuple[str, ...]:
+    """The target groups a run aligns to (none for vanilla or without a prior)."""
+    return tuple(cfg.prior.groups) if cfg.align.method != "vanilla" and cfg.prior.kind != "none" else ()
+
+
+def vae_groups(cfg: Config) -> tuple[str, ...]:
+    """The groups of the hierarchical VAE prior (G1..G4); "dinov2" and "latent" come from their own priors."""
+    return tuple(g for g in aligned_groups(cfg) if g in VAE_GROUPS)
+
+
+def teacher_name(cfg: Config) -> str | None:
+    """The DINOv2 teacher a config aligns to (REPA), or None."""
+    return cfg.teacher.model if TEACHER_GROUP in aligned_groups(cfg) else None
+
+
+def latent_geometry(cfg: Config, vae: AutoencoderKL, resolution: int | None = None) -> tuple[tuple[int, int, int], int]:
+    """((C, h, w) of the diffusion input, token-grid side) at ``data.resolution`` (or ``resolution``)."""
+    side = (resolution or cfg.data.resolution) // vae_downsample_factor(vae)
+    return (vae.config.latent_channels, side, side), side // patch_size(cfg.model.name)
+
+
+# ---------------------------------------------------------------------- frozen encoders
+def build_vae(cfg: Config, device=None, path: str | None = None) -> AutoencoderKL:
+    """The frozen VAE of ``vae.path`` (or ``path``), read from local files only."""
+    return load_vae(path or cfg.vae.path, device=device)
+
+
+def vae_architecture(cfg: Config) -> AutoencoderKL:
+    """The VAE's architecture without weights, on the current default device (``meta`` when counting):
+    from its local config.json (``tiny``, a directory, or the Hugging Face cache), else SD-VAE's for
+    the SD-VAE repo ids."""
+    path = cfg.vae.path
+    candidates = [TINY_VAE_DIR / "config.json"] if path == "tiny" else [Path(path) / "config.json", Path(path) / "vae" / "config.json"]
+    config = next((json.loads(c.read_text()) for c in candidates if c.is_file()), None)
+    if config is None and "/" in path and not Path(path).exists():
+        for name in ("config.json", "vae/config.json"):
+            try:
+                found = try_to_load_from_cache(path, name, cache_dir=hf_constants.HF_HUB_CACHE)
+            except ValueError:  # not a valid repo id
+                break
+            if isinstance(found, str):
+                config = json.loads(Path(found).read_text())
+                break
+    if config is None:
+        if not path.startswith("stabilityai/sd-vae-ft-"):
+            raise AhpaError(f"cannot find the config.json of vae.path={path!r} (local directory, 'tiny' or the Hugging Face cache); "
+                            "only the VAE's architecture is needed here: set vae.path to a directory holding config.json")
+        config = dict(SD_VAE_CONFIG)  # the same architecture, weights not needed
+    return AutoencoderKL.from_config(config)
+
+
+def build_prior(cfg: Config, vae: AutoencoderKL, grid: int, groups=None) -> HierarchicalVAEPrior:
+    """The one-pass hierarchical prior of the VAE groups a config aligns to (or ``groups``), pooled to ``grid``."""
+    return HierarchicalVAEPrior(vae, groups=vae_groups(cfg) if groups is None else tuple(groups), grid=grid,
+                                grouping=cfg.prior.grouping, split=cfg.prior.split, resample=cfg.prior.resample)
+
+
+def build_teacher(cfg: Config, grid: int, device=None, *, name: str | None = None, weights: str | None = None) -> DINOv2Teacher:
+    """REPA's frozen DINOv2 teacher of ``teacher.*``; says so when it is randomly initialised."""
+    teacher = DINOv2Teacher(name or cfg.teacher.model, grid=grid, weights=weights or cfg.teacher.weights,
+                            input_size=cfg.teacher.input_size)
+    if teacher.randomly_initialised and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: the DINOv2 teacher {teacher.name} is RANDOMLY INITIALISED (teacher.weights=random): the real architecture, "
+              "not REPA's pretrained features; for REPA results put the official weights in place (docs/baselines.md)")
+    return teacher.to(device)
+
+
+def target_shapes(cfg: Config, prior: HierarchicalVAEPrior | None, latent_shape, grid: int,
+                  teacher_dim: int | None = None) -> dict[str, tuple[int, int]]:
+    """(layers, channels) of every aligned group, in the objective's order: the VAE groups, the teacher, the latent."""
+    groups = aligned_groups(cfg)
+    shapes = dict(prior.group_shapes) if prior is not None and vae_groups(cfg) else {}
+    if TEACHER_GROUP in groups:
+        shapes[TEACHER_GROUP] = (1, teacher_dim if teacher_dim is not None else teacher_width(cfg.teacher.model))
+    if LATENT_GROUP in groups:
+        shapes[LATENT_GROUP] = latent_group_shape(tuple(latent_shape), grid, cfg.prior.latent_target)
+    return shapes
+
+
+# ---------------------------------------------------------------------- trained modules
+def build_backbone(cfg: Config, latent_shape, context_shape: tuple[int, int] | None = None) -> SiT | MMDiT:
+    """The SiT (class labels) or MMDiT (text context ``(tokens, width)``) of ``model.*``."""
+    channels, side = latent_shape[0], latent_shape[1]
+    if is_text_to_image(cfg):
+        tokens, width = context_shape or (cfg.text.context_tokens, CLIP_L14_TEXT["hidden_size"])
+        model = build_mmdit(cfg.model.name, input_size=side, in_channels=channels, context_tokens=tokens, context_dim=width,
+                            class_dropout=cfg.model.class_dropout)
+    else:
+        model = build_sit(cfg.model.name, input_size=side, in_channels=channels, num_classes=cfg.model.num_classes,
+                          class_dropout=cfg.model.class_dropout, learn_sigma=cfg.model.learn_sigma)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    return model
+
+
+def build_objective(cfg: Config, backbone, group_shapes: dict[str, tuple[int, int]]) -> AlignmentObjective | None:
+    """Router + projection heads + loss of ``align.*`` for ``backbone`` (None for vanilla)."""
+    if cfg.align.method == "vanilla":
+        return None
+    depths = list(cfg.align.depths) or [backbone.default_alignment_depth]
+    if max(depths) > backbone.depth:
+        raise AhpaError(f"align.depths {depths} exceed the backbone depth {backbone.depth} of {cfg.model.name}")
+    a = cfg.align
+    return AlignmentObjective(
+        hidden_size=backbone.hidden_size, grid=backbone.grid, group_shapes=group_shapes, depths=depths,
+        router=a.router, time_encoding=a.time_encoding, time_dim=a.time_dim, router_hidden=a.router_hidden,
+        router_depth=a.router_depth, lut_bins=a.lut_bins, prototypes=a.prototypes, head=a.head, loss=a.loss,
+        weight=a.weight, normalize=cfg.prior.normalize, normalize_alpha=cfg.prior.normalize_alpha,
+        router_entropy=a.router_entropy, router_temperature=a.router_temperature, router_warmup_steps=a.router_warmup_steps,
+    )
+
+
+def build_transport(cfg: Config) -> Transport:
+    """The flow-matching path and the training-time distribution of ``transport.*``."""
+    t = cfg.transport
+    return Transport(path=t.path, time_sampling=t.time_sampling, time_mean=t.time_mean, time_std=t.time_std)
+
+
+@dataclass
+class Built:
+    model: SiT | MMDiT
+    objective: AlignmentObjective | None
+    transport: Transport
+    group_shapes: dict[str, tuple[int, int]]
+    latent_shape: tuple[int, int, int]
+
+
+def build_for_shapes(cfg: Config, resolution: int | None = None) -> Built:
+    """Backbone, objective and transport from the VAE's architecture alone (no weights, no data), on the
+    current default device: the shapes a run of ``cfg`` trains.  A text-to-image run gets CLIP-L/14's width."""
+    vae = vae_architecture(cfg)
+    latent_shape, grid = latent_geometry(cfg, vae, resolution)
+    prior = build_prior(cfg, vae, grid) if vae_groups(cfg) else None
+    shapes = target_shapes(cfg, prior, latent_shape, grid)
+    model = build_backbone(cfg, latent_shape)
+    return Built(model, build_objective(cfg, model, shapes), build_transport(cfg), shapes, latent_shape)
+
+
+# ---------------------------------------------------------------------- data sources
+def build_source(cfg: Config, *, device, rank: int = 0, world: int = 1, per_rank: int | None = None) -> BatchSource:
+    """The training-batch source of ``data.*``: the VAE, prior and teacher are built here and handed to it."""
+    per_rank = cfg.train.global_batch // world if per_rank is None else per_rank
+    device = torch.device(device)
+    if is_text_to_image(cfg) or cfg.data.source in ("coco", "toy_captions"):
+        return _caption_source(cfg, device, rank, world, per_rank)
+    if cfg.vae.latent_norm == "channel_stats" and cfg.data.source != "cache":
+        raise AhpaError("vae.latent_norm=channel_stats needs per-channel statistics from a feature cache; set data.source=cache or vae.latent_norm=scale")
+    if cfg.data.source == "toy":
+        images, labels = load_toy("train", resolution=cfg.data.resolution)
+        return _in_memory_source(cfg, device, rank, world, per_rank, images, labels)
+    if cfg.data.source == "images":
+        return _image_source(cfg, device, rank, world, per_rank, ImageFolderDataset(cfg.data.path, cfg.data.resolution))
+    return _cache_source(cfg, device, rank, world, per_rank)
+
+
+def _latent_normalisation(cfg: Config, vae: AutoencoderKL):
+    """(scale, shift) of ``vae.*``: the config's scale or the VAE's, and the VAE's per-channel shift (SD3/FLUX)."""
+    scale = cfg.vae.scaling_factor or vae_scaling_factor(vae)
+    shift = vae_shift_factor(vae)
+    return scale, torch.full((vae.config.latent_channels,), shift) if shift else 0.0
+
+
+def _encoders(cfg: Config, device, teacher: bool = True):
+    vae = build_vae(cfg, device)
+    latent_shape, grid = latent_geometry(cfg, vae)
+    tch = build_teacher(cfg, grid, device) if teacher and teacher_name(cfg) else None
+    return vae, latent_shape, grid, build_prior(cfg, vae, grid), tch
+
+
+def _in_memory_source(cfg, device, rank, world, per_rank, images, labels) -> InMemorySource:
+    vae, latent_shape, grid, prior, teacher = _encoders(cfg, device)
+    shapes = target_shapes(cfg, prior, latent_shape, grid, teacher.embed_dim if teacher is not None else None)
+    return InMemorySource(cfg, device, rank, world, per_rank, images, labels, vae=vae, prior=prior, teacher=teacher,
+                          normalisation=_latent_normalisation(cfg, vae), group_shapes=shapes)
+
+
+def _image_source(cfg, device, rank, world, per_rank, dataset) -> ImageSource:
+    vae, latent_shape, grid, prior, teacher = _encoders(cfg, device)
+    shapes = target_shapes(cfg, prior, latent_shape, grid, teacher.embed_dim if teacher is not None else None)
+    return ImageSource(cfg, device, rank, world, per_rank, dataset, vae=vae, prior=prior, teacher=teacher,
+                       normalisation=_latent_normalisation(cfg, vae), group_shapes=shapes, latent_shape=latent_shape)
+
+
+def _cache_source(cfg, device, rank, world, per_rank) -> CacheSource:
+    manifest = read_manifest(cfg.data.path)
+    grid = manifest["latent_shape"][-1] // patch_size(cfg.model.name)
+    if TEACHER_GROUP in aligned_groups(cfg):  # a REPA run on a cache without (these) teacher features: refused by name
+        check_cache_teacher(manifest, cfg.data.path, cfg.teacher.model, grid, cfg.teacher.input_size)
+    vae = build_vae(cfg, device)  # decodes sample grids; its hash must match the cache
+    prior = build_prior(cfg, vae, grid)
+    shapes = target_shapes(cfg, prior, manifest["latent_shape"], grid,
+                           manifest["features"][TEACHER_GROUP]["shape"][1] if TEACHER_GROUP in aligned_groups(cfg) else None)
+    normalisation = None if cfg.vae.latent_norm == "channel_stats" else _latent_normalisation(cfg, vae)
+    return CacheSource(cfg, device, rank, world, per_rank, vae=vae, prior=prior, normalisation=normalisation,
+                       group_shapes=shapes, features=bool(vae_groups(cfg)))
+
+
+def _caption_source(cfg: Config, device, rank: int, world: int, per_rank: int) -> CaptionSource:
+    """Text-to-image (App. C): an image source whose ``y`` (the image index) becomes the text context of a drawn caption."""
+    if not is_text_to_image(cfg):
+        raise AhpaError(f"data.source={cfg.data.source} has captions, which only an MMDiT model reads; set model.name=MMDiT-B/2 (or MMDiT-T/2)")
+    source = cfg.data.source
+    if source == "toy_captions":
+        images, classes, per_class = load_captioned_toy("train", cfg.data.resolution)
+        inner = _in_memory_source(cfg, device, rank, world, per_rank, images, classes)
+        captions = [c for caps in per_class for c in caps]
+        offsets = np.cumsum([0] + [len(c) for c in per_class])
+        emb, null = toy_text_embeddings(cfg, captions, device)
+        return CaptionSource(inner, offsets, captions, TensorTextStore(emb), null, cfg.text.context_tokens)
+    if source == "coco":
+        dataset = CocoImages(cfg.data.path, cfg.text.split, cfg.data.resolution)
+        inner = _image_source(cfg, device, rank, world, per_rank, dataset)
+        captions, offsets = dataset.coco.flat, dataset.coco.offsets
+    elif source == "cache":
+        inner = _cache_source(cfg, device, rank, world, per_rank)
+        captions = offsets = None
+    else:
+        raise AhpaError(f"data.source={source} has no captions for an MMDiT; use coco, cache (a COCO cache) or toy_captions")
+    if cfg.text.cache:
+        store = CachedTextStore(cfg.text.cache)
+        manifest = store.manifest
+        if captions is not None and manifest["captions_sha256"] != captions_hash(captions):
+            raise AhpaError(f"text cache {cfg.text.cache} holds the captions of another annotation file than {cfg.data.path}")
+        images = getattr(inner, "dataset", None)
+        files = images.manifest.get("images", {}).get("file_list_sha256") if hasattr(images, "manifest") else None
+        if files is not None and manifest.get("file_list_sha256") not in (None, files):
+            raise AhpaError(f"text cache {cfg.text.cache} was made for another image list than the feature cache {cfg.data.path}; "
+                            "use the OUT/text that `ahpa extract --coco` wrote beside that cache")
+        return CaptionSource(inner, np.asarray(manifest["offsets"]), manifest["captions"], store, store.null_context(),
+                             cfg.text.context_tokens)
+    if captions is None:
+        if not cfg.text.coco:
+            raise AhpaError("an MMDiT trained from a feature cache needs its captions: set text.cache=CACHE/text "
+                            "(from `ahpa extract --coco`) or text.coco=/path/to/coco")
+        coco = CocoCaptions(cfg.text.coco, cfg.text.split)
+        captions, offsets = coco.flat, coco.offsets
+    encoder = load_clip_text_encoder(cfg.text.encoder, device=device)
+    return CaptionSource(inner, offsets, captions, EncoderTextStore(encoder, captions), encoder.null_embedding().cpu(),
+                         cfg.text.context_tokens)
