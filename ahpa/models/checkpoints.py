@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -26,7 +26,6 @@ from ahpa.io import atomic_path
 from ahpa.models.sit import SIT_CONFIGS, SiT, build_sit
 
 META_KEY = "ahpa_meta"  # safetensors metadata entry holding the json meta of an ema.safetensors
-EMA_FILE = "ema.safetensors"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 # Published checkpoints were sampled with SD-VAE (ft-EMA) latents scaled by 0.18215.
 _PUBLISHED_LATENTS = dict(vae="stabilityai/sd-vae-ft-ema", scaling_factor=0.18215, latent_shift=None,
@@ -138,17 +137,6 @@ def _torch_load(path: Path) -> Mapping:
         raise AhpaError(f"'{path}' is not a readable PyTorch checkpoint (damaged or truncated?); {_WHAT_TO_PASS}") from None
 
 
-def read_meta(path: str | os.PathLike) -> dict:
-    """The ``ahpa_meta`` json of an ema.safetensors (or of the one in a checkpoint dir); {} if absent."""
-    path = _resolve(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise AhpaError(f"cannot read safetensors file '{path}' ({e}): it is not a safetensors checkpoint or it is truncated; {_WHAT_TO_PASS}") from None
-    return json.loads(metadata[META_KEY]) if META_KEY in metadata else {}
-
-
 def save_ema_safetensors(model: nn.Module, path: str | os.PathLike, meta: dict) -> None:
     """Write ``model``'s weights (plain SiT keys) and ``meta`` as json to ``path``, atomically."""
     path = Path(path)
@@ -158,32 +146,20 @@ def save_ema_safetensors(model: nn.Module, path: str | os.PathLike, meta: dict) 
         save_file(state, tmp, metadata=metadata)
 
 
-def _resolve(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / EMA_FILE
-    if not path.is_file():
-        raise AhpaError(f"checkpoint '{path}' does not exist; pass RUN/checkpoints/<step>/, its {EMA_FILE}, "
-                        "or a published SiT/REPA .pt file")
-    return path
-
-
-def load_model_for_sampling(path: str | os.PathLike, model_name: str | None = None, num_classes: int | None = None,
-                            input_size: int | None = None) -> tuple[SiT, dict]:
+def load_published_or_ahpa_sit(path: Path, meta: dict, model_name: str | None = None, num_classes: int | None = None,
+                               input_size: int | None = None) -> tuple[SiT, dict]:
     """A float32 SiT in eval mode on the CPU, and its meta (model, sizes, VAE, time_convention).
 
-    ``path``: an ema.safetensors, a checkpoint dir holding one, or a published SiT /
+    ``path``: an ahpa ``.safetensors`` (with its ``meta``, read by :mod:`ahpa.runs`) or a published SiT /
     REPA ``.pt``.  Missing arguments are inferred from the tensor shapes.  A published
     checkpoint with REPA projectors is time_convention "repa" (t=0 data), one
     without is original SiT, "sit" (t=0 noise); ours record theirs in the meta.
     """
-    path = _resolve(path)
     if path.suffix == ".safetensors":
         try:
             raw = load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise AhpaError(f"cannot read safetensors file '{path}' ({e}): it is not a safetensors checkpoint or it is truncated; {_WHAT_TO_PASS}") from None
-        meta = read_meta(path)
     else:
         raw = _unwrap(_torch_load(path))
         is_repa = any(_strip_prefixes(k).startswith("projectors.") for k in raw)
