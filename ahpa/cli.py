@@ -23,7 +23,7 @@ COMMANDS = [
     "ahpa.data.tiny_vae",  # train-vae
     "ahpa.diagnostics.profile",  # profile
     "ahpa.diagnostics.command",  # diagnose
-    "ahpa.study",  # study
+    "ahpa.study.command",  # study
 ]
 
 

@@ -18,7 +18,8 @@ import yaml
 from ahpa.cli import main as cli_main
 from ahpa.config import PRESETS
 from ahpa.errors import AhpaError
-from ahpa.study import load_study, mean_interval
+from ahpa.study.results import mean_interval
+from ahpa.study.schema import load_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # as the subprocesses (OMP_NUM_THREADS=1): same bytes
 

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
+from ahpa.diagnostics import features, gsnr, router_command
 
 
 def register(subparsers) -> None:
-    from ahpa.diagnostics import gsnr
-
     p = subparsers.add_parser("diagnose", help="G-SNR along the trajectory, router trajectories, feature pictures")
     sub = p.add_subparsers(dest="diagnostic", metavar="DIAGNOSTIC")
     g = sub.add_parser("gsnr", help="G-SNR of the alignment gradient per t, for several targets (Fig. 2, Table 7)")
     gsnr.add_arguments(g)
     g.set_defaults(func=gsnr.run_gsnr)
-    from ahpa.diagnostics import router_command
-
     r = sub.add_parser("router", help="router weights against t (Fig. 5), and over training for a run directory")
     router_command.add_arguments(r)
     r.set_defaults(func=router_command.run_router)
-    from ahpa.diagnostics import features
-
     f = sub.add_parser("features", help="PCA pictures of the pooled VAE features per layer (Fig. 4)")
     features.add_arguments(f)
     f.set_defaults(func=features.run_features)

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
+from ahpa.build import build_prior, build_vae, latent_geometry
+from ahpa.config import load_config
+from ahpa.data.images import EXTENSIONS, ImageDecodeError, decode_image
+from ahpa.data.toy import load_toy
 from ahpa.errors import AhpaError
+from ahpa.io import atomic_open, write_json_atomic
+from ahpa.priors.hierarchy import GROUPS, grouped_layers
+from ahpa.runs import checkpoint_dir, read_config
 
 
 def pca_rgb(features: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
@@ -42,8 +49,6 @@ def pca_rgb(features: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
 def _images(args, resolution: int) -> tuple[torch.Tensor, list[str]]:
     """uint8 ``[N, 3, R, R]`` and one label per image."""
     if args.images:
-        from ahpa.data.images import EXTENSIONS, ImageDecodeError, decode_image
-
         root = Path(args.images)
         if not root.is_dir():
             raise AhpaError(f"--images {root} is not a folder of images")
@@ -58,7 +63,6 @@ def _images(args, resolution: int) -> tuple[torch.Tensor, list[str]]:
                 raise AhpaError(f"cannot decode {f}: {err}") from None
             arrays.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
         return torch.stack(arrays), [f.name for f in files]
-    from ahpa.data.toy import load_toy
 
     images, labels = load_toy("heldout", resolution=resolution)
     picks = [int((labels == c).nonzero()[0]) for c in range(int(labels.max()) + 1)][: args.num]  # one per class
@@ -69,27 +73,19 @@ def run_features(args: argparse.Namespace) -> int:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from ahpa.config import load_config
-    from ahpa.data.batches import _patch_size
-    from ahpa.diagnostics.gsnr import checkpoint_dir, read_config
-    from ahpa.io import atomic_open, write_json_atomic
-    from ahpa.priors.hierarchy import GROUPS, HierarchicalVAEPrior, grouped_layers
-    from ahpa.priors.vae import load_vae, vae_downsample_factor
-
     if args.num < 1:
         raise AhpaError(f"--num must be at least 1, got {args.num}")
     if args.ckpt:
-        cfg = read_config(checkpoint_dir(args.ckpt) / "config.yaml", list(args.overrides))
+        cfg = read_config(checkpoint_dir(args.ckpt), list(args.overrides))
     else:
         cfg = load_config(args.config, list(args.overrides))
-    vae = load_vae(cfg.vae.path)
+    vae = build_vae(cfg)
     available = grouped_layers(vae, cfg.prior.grouping, cfg.prior.split)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else [g for g in GROUPS if g in available]
-    grid = args.grid or cfg.data.resolution // vae_downsample_factor(vae) // _patch_size(cfg.model.name)
+    grid = args.grid or latent_geometry(cfg, vae)[1]
     if grid < 1:
         raise AhpaError(f"--grid must be at least 1, got {grid}")
-    prior = HierarchicalVAEPrior(vae, groups=groups, grid=grid, grouping=cfg.prior.grouping, split=cfg.prior.split,
-                                 resample=cfg.prior.resample)  # refuses unknown groups with one line
+    prior = build_prior(cfg, vae, grid, groups)  # refuses unknown groups with one line
     images, names = _images(args, cfg.data.resolution)
     with torch.no_grad():
         feats = prior(images.float() / 127.5 - 1.0).features

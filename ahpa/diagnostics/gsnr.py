@@ -41,12 +41,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
+from tqdm.auto import tqdm
 
+from ahpa.align.objective import AlignmentObjective
+from ahpa.build import build_backbone, build_objective, build_source, build_transport
+from ahpa.config import load_config
+from ahpa.data.sampler import step_generator
 from ahpa.errors import AhpaError
+from ahpa.io import atomic_open, write_json_atomic
 from ahpa.probe.gsnr import AlignmentProbe, probe_point, select_parameters, summarize
 from ahpa.probe.per_sample import METHODS
+from ahpa.runs import OBJECTIVE_FILE, WEIGHTS, checkpoint_dir, load_state, read_config
 
 STATIC_ROUTERS = ("uniform", "linear")
 GROUP_PREFIX = "G"  # VAE hierarchy groups G1..G4: extracted on demand by the data source
@@ -115,8 +121,6 @@ def transfer_head(src: nn.Module | None, dst: nn.Module) -> str:
 
 
 def _static_objective(kind: str, keys: list[str], shapes: dict, base_cfg, sit):
-    from ahpa.align.objective import AlignmentObjective
-
     a = base_cfg.align
     depths = list(a.depths) or [sit.default_alignment_depth]
     return AlignmentObjective(sit.hidden_size, sit.grid, {k: shapes[k] for k in keys}, depths, router=kind, head=a.head,
@@ -124,47 +128,6 @@ def _static_objective(kind: str, keys: list[str], shapes: dict, base_cfg, sit):
 
 
 # ---------------------------------------------------------------------- command
-
-def checkpoint_dir(path: str) -> Path:
-    from ahpa.checkpointing import latest_checkpoint
-
-    p = Path(path)
-    if (p / "checkpoints").is_dir():
-        found = latest_checkpoint(p)
-        if found is None:
-            raise AhpaError(f"run directory {p} holds no complete checkpoint; pass RUN/checkpoints/<step>")
-        return found
-    if not (p / "config.yaml").is_file() or not (p / "model.safetensors").is_file():
-        raise AhpaError(f"'{p}' is not a checkpoint directory (needs config.yaml and model.safetensors) nor a run directory with checkpoints/")
-    return p
-
-
-def read_config(path: Path, overrides: list[str]):
-    from ahpa.config import config_from_dict, parse_overrides, set_key, validate
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise AhpaError(f"{path} is not valid YAML: {err}") from None
-    cfg = config_from_dict(data)
-    for key, value in parse_overrides(overrides):
-        set_key(cfg, key, value)
-    validate(cfg)
-    return cfg
-
-
-def load_state(module: nn.Module, path: Path, what: str) -> None:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise AhpaError(f"{path} is missing: the checkpoint has no {what}")
-    state = load_file(str(path))
-    own = module.state_dict()
-    bad = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
-    if bad:
-        raise AhpaError(f"{what} in {path} does not fit the architecture of its config.yaml (first mismatch: '{bad[0]}')")
-    module.load_state_dict(state)
-
 
 def _source_config(cfg, keys: set[str], n: int, seed: int):
     """A copy of ``cfg`` whose data source yields ``n`` samples per batch and the VAE groups in ``keys``."""
@@ -189,11 +152,6 @@ class GSNRRun:
     """Everything ``ahpa diagnose gsnr`` needs, built and validated before anything is written."""
 
     def __init__(self, args: argparse.Namespace):
-        from ahpa.data.batches import build_source
-        from ahpa.models.sit import build_sit
-        from ahpa.train import build_objective
-        from ahpa.transport import Transport
-
         self.args = args
         if bool(args.ckpt) == bool(args.config):
             raise AhpaError("pass exactly one of --ckpt (a checkpoint or run directory) and --config (a fresh initialisation)")
@@ -209,9 +167,8 @@ class GSNRRun:
         base_overrides = [o for o in overrides if not o.startswith("vae.path=")]
         self.ckpt = checkpoint_dir(args.ckpt) if args.ckpt else None
         if self.ckpt is not None:
-            cfg = read_config(self.ckpt / "config.yaml", base_overrides)
+            cfg = read_config(self.ckpt, base_overrides)
         else:
-            from ahpa.config import load_config
             cfg = load_config(args.config, base_overrides)
         self.cfg = cfg
         if not parsed:
@@ -243,18 +200,14 @@ class GSNRRun:
                                 f"{own_shapes} (layers, channels): its group shapes do not fit this checkpoint")
         shapes = dict((self.feature_source or self.source).group_shapes)
         torch.manual_seed(cfg.train.seed)  # a fresh initialisation is the training run's step 0
-        C, size = self.source.latent_shape[0], self.source.latent_shape[1]
-        self.sit = build_sit(cfg.model.name, input_size=size, in_channels=C, num_classes=cfg.model.num_classes,
-                             class_dropout=cfg.model.class_dropout, learn_sigma=cfg.model.learn_sigma)
+        self.sit = build_backbone(cfg, self.source.latent_shape)
         own = build_objective(cfg, self.sit, {g: shapes[g] for g in cfg.prior.groups}) if cfg.align.method != "vanilla" else None
         if self.ckpt is not None:
-            weights = {"online": "model.safetensors", "ema": "ema.safetensors"}[args.weights]
-            load_state(self.sit, self.ckpt / weights, "SiT weights")
+            load_state(self.sit, self.ckpt / WEIGHTS[args.weights], "SiT weights")
             if own is not None and len(own.state_dict()):
-                load_state(own, self.ckpt / "objective.safetensors", "alignment objective")
+                load_state(own, self.ckpt / OBJECTIVE_FILE, "alignment objective")
         self.sit.eval().to(device)
-        self.transport = Transport(path=cfg.transport.path, time_sampling=cfg.transport.time_sampling,
-                                   time_mean=cfg.transport.time_mean, time_std=cfg.transport.time_std)
+        self.transport = build_transport(cfg)
         self.targets: list[Target] = []
         for (kind, rest), spec in zip(parsed, specs):
             self.targets.append(self._target(kind, rest, spec, own, shapes, other_cfgs.get(spec)))
@@ -277,15 +230,12 @@ class GSNRRun:
         p = Path(path)
         if p.is_dir():
             ck = checkpoint_dir(path)
-            return read_config(ck / "config.yaml", []), ck
+            return read_config(ck), ck
         if p.is_file():
-            from ahpa.config import load_config
             return load_config(p), None
         raise AhpaError(f"--target config:{path}: no such checkpoint directory or YAML file")
 
     def _target(self, kind, rest, spec, own, shapes, other) -> Target:
-        from ahpa.train import build_objective
-
         fresh_heads = self.args.head_init == "fresh"
         if kind == "own":
             return Target(spec, own.to(self.device), "trained", list(own.groups))
@@ -299,7 +249,7 @@ class GSNRRun:
             torch.manual_seed(self.args.seed)
             obj = build_objective(ocfg, self.sit, {g: shapes[g] for g in ocfg.prior.groups})
             if ock is not None:
-                load_state(obj, ock / "objective.safetensors", "alignment objective")
+                load_state(obj, ock / OBJECTIVE_FILE, "alignment objective")
                 head = f"trained ({ock})"
             else:
                 head = "fresh" if fresh_heads else transfer_head(own, obj)
@@ -315,8 +265,6 @@ class GSNRRun:
 
     def batch(self, k: int, t: float) -> dict:
         """The batch of grid point ``k``: fresh images (batch ``k`` of the stream) and noise, all at time ``t``."""
-        from ahpa.data.batches import step_generator
-
         n, dev = self.args.n, self.device
         self.source.start(k)
         raw = self.source.next_batch()
@@ -349,8 +297,6 @@ class GSNRRun:
 
 
 def _write_outputs(out: Path, info: dict, records: list[dict]) -> dict:
-    from ahpa.io import atomic_open, write_json_atomic
-
     summary = {}
     for spec in dict.fromkeys(r["target"] for r in records):
         rs = [r for r in records if r["target"] == spec]
@@ -382,7 +328,6 @@ def plot_gsnr(records: list[dict], path: Path, title: str = "") -> None:
     per-sample form and the diffusion/alignment gradient cosine.  t = 1 (noise) on the left."""
     from matplotlib.figure import Figure
 
-    from ahpa.io import atomic_open
 
     fig = Figure(figsize=(13.5, 3.8))
     axes = fig.subplots(1, 3)
@@ -411,8 +356,6 @@ def plot_gsnr(records: list[dict], path: Path, title: str = "") -> None:
 
 
 def run_gsnr(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     torch.set_grad_enabled(True)
     run = GSNRRun(args)  # every check happens here, before anything is written
     out = Path(args.out)
@@ -425,7 +368,6 @@ def run_gsnr(args: argparse.Namespace) -> int:
         saved = json.loads(progress_path.read_text())
         if saved.get("key") == key:
             done = saved.get("points", {})
-    from ahpa.io import write_json_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -27,7 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from ahpa.align.normalize import normalize_features
+from ahpa.build import build_source
+from ahpa.config import load_config
 from ahpa.errors import AhpaError
+from ahpa.io import write_text_atomic
+from ahpa.runs import load_backbone
 
 T_GRID = (0.05, 0.25, 0.5, 0.75, 0.95)
 GAMMA_SWEEP = (0.0, 0.5, 1.0, 1.5, 2.0)  # gamma of the deep group; the mid group gets K - gamma (K = 2)
@@ -110,8 +114,6 @@ def probe_predictability(hidden: torch.Tensor, features: dict[str, torch.Tensor]
 
 def config_features(cfg, max_images: int | None = None):
     """(latents x0 mean ``[N, C, H, W]``, labels, features ``{g: [N, L, C, h, w]}``, latent scale) of a run config's data."""
-    from ahpa.data.batches import build_source
-
     if cfg.data.source != "toy":
         raise AhpaError("the predictability measurement reads the in-memory toy set (data.source=toy)")
     source = build_source(cfg, device="cpu", rank=0, world=1, per_rank=cfg.train.global_batch)
@@ -138,9 +140,6 @@ def hidden_states(model, x0: torch.Tensor, y: torch.Tensor, t: float, depth: int
 
 
 def measure(config: str, overrides: list[str], ckpt: str | None = None, max_images: int = 800, t_grid=T_GRID) -> dict:
-    from ahpa.config import load_config
-    from ahpa.models.checkpoints import load_model_for_sampling
-
     cfg = load_config(config, overrides)
     x0, y, feats = config_features(cfg, None)
     targets = targets_of(feats, cfg.prior.normalize)
@@ -148,7 +147,7 @@ def measure(config: str, overrides: list[str], ckpt: str | None = None, max_imag
               "grid": int(next(iter(feats.values())).shape[-1]), "images": len(y),
               "position": {k: position_predictability(v) for k, v in targets.items()}}
     if ckpt:
-        model = load_model_for_sampling(ckpt)[0].eval()  # EMA weights
+        model = load_backbone(ckpt)[0].eval()  # EMA weights
         depth = list(cfg.align.depths)[0] if cfg.align.depths else model.default_alignment_depth
         n = min(max_images, len(y))
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:n]
@@ -175,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = json.dumps(result, indent=1)
     if args.json:
-        from ahpa.io import write_text_atomic
-
         write_text_atomic(args.json, text + "\n")
     print(text)
     return 0

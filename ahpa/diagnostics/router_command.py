@@ -14,59 +14,14 @@ from pathlib import Path
 
 import torch
 
+from ahpa.checkpointing import latest_checkpoint
 from ahpa.errors import AhpaError
-
-
-def _latent_and_grid(cfg, vae) -> tuple[int, int]:
-    from ahpa.data.batches import _patch_size
-    from ahpa.priors.vae import vae_downsample_factor
-
-    latent = cfg.data.resolution // vae_downsample_factor(vae)
-    return latent, latent // _patch_size(cfg.model.name)
-
-
-def group_shapes_for(cfg, vae=None) -> dict[str, tuple[int, int]]:
-    """(layers, channels) of each ``prior.groups`` entry, from the VAE alone (no data pass)."""
-    from ahpa.priors.hierarchy import HierarchicalVAEPrior
-    from ahpa.priors.vae import load_vae
-
-    groups = list(cfg.prior.groups)
-    if not all(g.startswith("G") and g[1:].isdigit() for g in groups):
-        from ahpa.data.batches import build_source  # other feature keys: ask the data source
-
-        return dict(build_source(cfg, device="cpu", rank=0, world=1, per_rank=cfg.train.global_batch).group_shapes)
-    vae = vae if vae is not None else load_vae(cfg.vae.path)
-    prior = HierarchicalVAEPrior(vae, groups=groups, grid=_latent_and_grid(cfg, vae)[1], grouping=cfg.prior.grouping,
-                                 split=cfg.prior.split, resample=cfg.prior.resample)
-    return dict(prior.group_shapes)
-
-
-def objective_from_checkpoint(ckpt: Path, shapes: dict | None = None):
-    """(config, trained alignment objective) of a checkpoint directory, without its data."""
-    from ahpa.diagnostics.gsnr import load_state, read_config
-    from ahpa.models.sit import build_sit
-    from ahpa.priors.vae import load_vae
-    from ahpa.train import build_objective
-
-    cfg = read_config(ckpt / "config.yaml", [])
-    if cfg.align.method == "vanilla":
-        raise AhpaError(f"{ckpt} is a vanilla SiT run: it has no router to plot")
-    vae = load_vae(cfg.vae.path)
-    shapes = shapes or group_shapes_for(cfg, vae)
-    with torch.device("meta"):  # only the shapes the objective needs (hidden size, grid, depth)
-        sit = build_sit(cfg.model.name, input_size=_latent_and_grid(cfg, vae)[0], num_classes=cfg.model.num_classes)
-    objective = build_objective(cfg, sit, shapes)
-    if len(objective.state_dict()):
-        load_state(objective, ckpt / "objective.safetensors", "alignment objective")
-    return cfg, objective.eval()
+from ahpa.io import write_json_atomic
+from ahpa.router_plot import plot_router, plot_router_training
+from ahpa.runs import checkpoint_dir, load_objective
 
 
 def run_router(args: argparse.Namespace) -> int:
-    from ahpa.checkpointing import latest_checkpoint
-    from ahpa.diagnostics.gsnr import checkpoint_dir
-    from ahpa.router_plot import plot_router, plot_router_training
-    from ahpa.io import write_json_atomic
-
     at = [float(v) for v in args.at.split(",") if v.strip()]
     if not at or any(not 0.0 <= v <= 1.0 for v in at):
         raise AhpaError(f"--at needs t values in [0, 1], got {args.at!r}")
@@ -82,9 +37,11 @@ def run_router(args: argparse.Namespace) -> int:
     else:
         ckpts = [checkpoint_dir(args.ckpt)]
         latest = ckpts[0]
-    cfg, last = objective_from_checkpoint(latest)
+    cfg, last = load_objective(latest)
+    if last is None:
+        raise AhpaError(f"{latest} is a vanilla SiT run: it has no router to plot")
     shapes = dict(last.group_shapes)
-    objectives = {int(p.name): objective_from_checkpoint(p, shapes)[1] for p in ckpts if p != latest}
+    objectives = {int(p.name): load_objective(p, cfg, shapes)[1] for p in ckpts if p != latest}
     objectives[int(latest.name)] = last
     steps = sorted(objectives)
     out = Path(args.out)

@@ -1,0 +1,139 @@
+"""A study's numbers: the 95% Student-t interval over seeds, results.csv, results.md and the metric-vs-steps plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from ahpa.io import atomic_open, write_text_atomic
+from ahpa.study.schema import Study, eval_paths, primary_metrics
+
+
+# ---------------------------------------------------------------------- statistics
+def mean_interval(values) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% Student-t interval, n); half-width NaN for n < 2.
+
+    ``mean +- t_{0.975, n-1} * s / sqrt(n)`` with the sample standard deviation s (ddof 1).
+    """
+    x = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))], dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return float(x[0]), math.nan, 1
+    half = float(stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return float(x.mean()), half, n
+
+
+# ---------------------------------------------------------------------- tables
+def collect(study: Study, out: Path) -> list[dict]:
+    rows = []
+    for method, seed in study.runs():
+        for step in study.milestones:
+            record = eval_paths(out, method, seed, step)[2]
+            if record.is_file():
+                rows.append(json.loads(record.read_text()))
+    order = {m.name: i for i, m in enumerate(study.methods)}
+    return sorted(rows, key=lambda r: (order[r["method"]], r["seed"], r["step"]))
+
+
+def _fmt(x: float) -> str:
+    return repr(float(x)) if isinstance(x, float) else str(x)
+
+
+def write_results(study: Study, out: Path, rows: list[dict]) -> None:
+    """results.csv (one row per run and milestone), results.md (mean and 95% interval), fid_vs_steps.png."""
+    columns = ["method", "seed", "step"]
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _fmt(r[k]) if k in r else "" for k in columns})
+    write_text_atomic(out / "results.csv", buf.getvalue())
+    write_text_atomic(out / "results.md", results_markdown(study, rows))
+    plot_metric_vs_steps(study, rows, out / "fid_vs_steps.png")
+
+
+def _cell(values, digits: int = 3) -> str:
+    mean, half, n = mean_interval(values)
+    if n == 0:
+        return "—"
+    text = f"{mean:.{digits}f}"
+    return text + (f" ± {half:.{digits}f}" if n > 1 else "") + (f" (n={n})" if n != 1 or len(values) != n else "")
+
+
+def results_markdown(study: Study, rows: list[dict]) -> str:
+    lines = [f"# Study `{study.name}`", ""]
+    if study.description:
+        lines += [study.description.strip(), ""]
+    lines += [f"Seeds {study.seeds}; {study.samples} samples per milestone ({study.sampler['mode']} {study.sampler['method']}, "
+              f"{study.sampler['steps']} steps, CFG {study.sampler['cfg_scale']}); reference: "
+              + (f"digits classifier, {study.reference['split']} split" if study.reference["kind"] == "digits" else study.reference["path"])
+              + ". Cells: mean ± half-width of the 95% Student-t interval over seeds (n = seeds with a result).", ""]
+    by = {}
+    for r in rows:
+        by.setdefault((r["method"], r["step"]), []).append(r)
+    metrics = primary_metrics(study) + ["loss_diffusion", "loss_align"]
+    names = {"cfid": "classifier FID (lower is better)", "accuracy": "class accuracy of samples (higher is better)",
+             "fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "precision", "recall": "recall",
+             "loss_diffusion": "diffusion loss (last 10% of steps)", "loss_align": "alignment loss x lambda (last 10% of steps)"}
+    for metric in metrics:
+        if not any(r.get(metric) is not None for r in rows):
+            continue
+        lines += [f"## {names.get(metric, metric)}", "", "| method | " + " | ".join(f"{m:,} steps" for m in study.milestones) + " |",
+                  "|---|" + "---|" * len(study.milestones)]
+        for method in study.methods:
+            cells = [_cell([r.get(metric) for r in by.get((method.name, m), [])]) for m in study.milestones]
+            lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    router_keys = sorted({k for r in rows for k in r if k.startswith(("gamma_", "intra_max_"))})
+    if router_keys:
+        last = study.milestones[-1]
+        lines += [f"## Router at {last:,} steps", "",
+                  "gamma_<group>_t<t>: the group's weight at t (0 = data, 1 = noise; uniform = 1); intra_max: mean largest "
+                  "layer weight within the group (1 = one layer); gamma_t_spread: largest change of a gamma over t (0 = flat in t).", "",
+                  "| method | " + " | ".join(router_keys) + " |", "|---|" + "---|" * len(router_keys)]
+        for method in study.methods:
+            group = by.get((method.name, last), [])
+            if any(k in r for r in group for k in router_keys):
+                lines.append(f"| {method.name} | " + " | ".join(_cell([r.get(k) for r in group], 2) for k in router_keys) + " |")
+        lines.append("")
+    missing = [f"{m.name} seed {s}" for m, s in study.runs() if not any(r["method"] == m.name and r["seed"] == s and r["step"] == study.milestones[-1] for r in rows)]
+    notes = [f"- {m.name}: {m.note}" for m in study.skipped] + ([f"- unfinished runs: {', '.join(missing)} (rerun the study to continue)"] if missing else [])
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
+    return "\n".join(lines)
+
+
+def plot_metric_vs_steps(study: Study, rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    metric = primary_metrics(study)[0]
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
+    for method in study.methods:
+        xs, ys, es = [], [], []
+        for m in study.milestones:
+            mean, half, n = mean_interval([r.get(metric) for r in rows if r["method"] == method.name and r["step"] == m])
+            if n:
+                xs.append(m), ys.append(mean), es.append(0.0 if math.isnan(half) else half)
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method.name)
+    ax.set_xlabel("training steps")
+    ax.set_ylabel({"cfid": "classifier FID", "fid": "FID"}.get(metric, metric))
+    ax.set_title(f"{study.name}: mean and 95% interval over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png", dpi=120)
+
+
