@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 from ahpa.errors import AhpaError
+from ahpa.evaluation.arguments import check_arguments
 from ahpa.evaluation.features import cached_features, default_cache_dir
 from ahpa.evaluation.inception import InceptionFeatures, load_inception
 from ahpa.evaluation.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from ahpa.evaluation.npz import NpzImages, open_npz_images
-from ahpa.io import check_output_dir, check_output_file, write_json_atomic, write_text_atomic
+from ahpa.evaluation.t2i import run_t2i_eval
+from ahpa.io import write_json_atomic, write_text_atomic
 
 ADM_NUM_SAMPLES = 50_000
 CSV_FIELDS = ["samples", "num_samples", "fid", "sfid", "inception_score", "precision", "recall", "reference", "weights_source"]
@@ -122,34 +124,8 @@ def _check_resolution(samples: NpzImages, reference: NpzImages) -> None:
         )
 
 
-def check_arguments(args: argparse.Namespace, suffix: str = ".metrics.json") -> str:
-    """Every argument and output path, before anything is read or written; returns the device.
-
-    ``suffix``: of the default results file beside each sample file."""
-    if args.batch < 1:
-        raise AhpaError(f"--batch must be at least 1 (got {args.batch})")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise AhpaError(f"--device {device!r} is not a device; use cuda, cuda:N or cpu") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise AhpaError(f"--device {device} asked for, but this machine has no usable CUDA GPU; use --device cpu (slow) or run on a GPU")
-    if kind not in ("cuda", "cpu"):
-        raise AhpaError(f"--device {device!r}: use cuda, cuda:N or cpu")
-    outs = [Path(args.out)] if args.out else [Path(p).with_suffix(suffix) for p in args.samples]
-    for out in outs:
-        check_output_file(out, "--out" if args.out else "results file", need_bytes=64 * 2**10)
-    if args.csv:
-        check_output_file(args.csv, "--csv", need_bytes=64 * 2**10)
-    check_output_dir(args.cache_dir or default_cache_dir(), "--cache-dir")
-    return device
-
-
 def run(args: argparse.Namespace) -> int:
     if args.coco_ref or args.pickscore:  # text-to-image metrics (Table 5)
-        from ahpa.evaluation.t2i import run_t2i_eval
-
         return run_t2i_eval(args)
     if not args.ref:
         raise AhpaError("--ref REFERENCE.npz is required (or --coco-ref / --pickscore for text-to-image samples)")

@@ -32,7 +32,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+# Upward import, on purpose: the classifier is trained on, and compares samples with, the toy digits
+# themselves (the same images, labels and splits the toy run trains on), which the data layer owns.
+from ahpa.data.toy import load_toy
 from ahpa.errors import AhpaError
+from ahpa.evaluation.metrics import feature_statistics, frechet_distance
 from ahpa.io import atomic_dir, write_json_atomic
 
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "digits_classifier"
@@ -102,8 +106,6 @@ def classify(model: DigitsClassifier, images, batch: int = 500) -> tuple[np.ndar
 
 def reference_images(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """A toy split as uint8 NHWC and its labels."""
-    from ahpa.data.toy import load_toy
-
     images, labels = load_toy(split, resolution=SIZE)
     return images.permute(0, 2, 3, 1).numpy(), labels.numpy()
 
@@ -114,8 +116,6 @@ def digits_metrics(images, labels, ref: str | tuple[np.ndarray, np.ndarray] = "t
 
     ``ref``: a toy split name ("train" | "heldout") or ``(images, labels)``.
     """
-    from ahpa.evaluation.metrics import feature_statistics, frechet_distance
-
     model = model or load_classifier()
     labels = np.asarray(labels)
     pred, feats = classify(model, images)
@@ -133,8 +133,6 @@ def train_classifier(out: str | Path, epochs: int = RECIPE["epochs"], seed: int 
     """Train the classifier on the toy training split (random shifts of up to 3 px, AdamW,
     cosine learning rate), report held-out accuracy and write ``out/model.safetensors`` and
     ``out/training.json`` atomically.  CPU, about a minute."""
-    from ahpa.data.toy import load_toy
-
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x_train = prepare(load_toy("train", SIZE)[0])

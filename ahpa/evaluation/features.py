@@ -9,6 +9,7 @@ interrupted run leaves nothing that a later run would trust.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -69,8 +70,6 @@ class _entry_lock:
         self.path = cache_dir / f".{name}.lock"
 
     def __enter__(self):
-        import fcntl
-
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)

