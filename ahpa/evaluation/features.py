@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ahpa.evaluation.inception import InceptionFeatures
 from ahpa.evaluation.npz import NpzImages
-from ahpa.io import RunLock, atomic_dir, remove_stale_temps
+from ahpa.io import atomic_dir, remove_stale_temps
 
 FEATURE_DIMS = {"pool": 2048, "spatial": 2023, "logits": 1008}
 # Bump when what a feature means changes (layer, flatten order, resize): old cache entries are then ignored.
