@@ -1,7 +1,7 @@
 """bf16 against float32 sampling of one checkpoint: the same indices, both metrics, and their distance.
 
 Draws the same samples (indices 0..N-1, the same per-index noise) from one checkpoint with
-``ahpa sample``'s code path (``ahpa.generate.generate_samples``) twice: float32, and
+``ahpa sample``'s code path (``ahpa.generate.engine.generate_samples``) twice: float32, and
 ``--precision bf16`` (model forwards under bf16 autocast; the ODE/SDE state stays float64).  Then:
 
 - the digits metric (``ahpa.evaluation.digits``: classifier-feature FID ``cfid`` to the training
@@ -30,10 +30,10 @@ import torch
 
 from ahpa.evaluation.digits import classify, digits_metrics, load_classifier
 from ahpa.evaluation.metrics import feature_statistics, frechet_distance
-from ahpa.generate import generate_samples
+from ahpa.generate.engine import generate_samples, vae_decoder
 from ahpa.io import write_json_atomic
-from ahpa.models.checkpoints import load_model_for_sampling
 from ahpa.priors.vae import load_vae
+from ahpa.runs import load_backbone
 
 
 def inception_fid(a: np.ndarray, b: np.ndarray) -> tuple[float, str]:
@@ -68,11 +68,11 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     clock = time.perf_counter if cuda else time.process_time
-    model, meta = load_model_for_sampling(args.ckpt)
+    model, meta = load_backbone(args.ckpt)
     model = model.to(device).eval()
     meta = dict(meta, vae=meta.get("vae") or "stabilityai/sd-vae-ft-ema")
     vae = load_vae(meta["vae"], device=device)
-    decode = lambda x: vae.decode(x.to(vae.dtype)).sample.float()  # noqa: E731
+    decode = vae_decoder(vae)
     kwargs = dict(mode=args.mode, method="euler", steps=args.steps, cfg_scale=1.0, path=meta.get("path", "linear"))
     out = Path(args.out)
     result = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads, CPU time)",

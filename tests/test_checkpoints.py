@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from ahpa.errors import AhpaError
-from ahpa.models.checkpoints import (
-    convert_state_dict,
-    infer_architecture,
-    load_model_for_sampling,
-    read_meta,
-    save_ema_safetensors,
-)
+from ahpa.models.checkpoints import convert_state_dict, infer_architecture, save_ema_safetensors
+from ahpa.runs import load_backbone, read_meta
 from ahpa.models.sit import SiT, build_sit
 from helpers import randomised
 
@@ -50,7 +45,7 @@ def test_original_sit_layout_loads(tmp_path):
     model = random_sit(learn_sigma=True)
     path = tmp_path / "SiT-T-2-64x64.pt"
     torch.save(model.state_dict(), path)
-    loaded, meta = load_model_for_sampling(path)
+    loaded, meta = load_backbone(path)
     assert_same_outputs(model, loaded)
     assert not loaded.training and loaded.learn_sigma
     assert meta["model"] == "SiT-T/2" and meta["time_convention"] == "sit"
@@ -68,7 +63,7 @@ def test_repa_layout_takes_ema_and_drops_projectors(tmp_path):
     }
     path = tmp_path / "0004000.pt"
     torch.save(ckpt, path)
-    loaded, meta = load_model_for_sampling(path)
+    loaded, meta = load_backbone(path)
     assert_same_outputs(ema, loaded)
     assert meta["time_convention"] == "repa" and not meta["learn_sigma"]
 
@@ -102,38 +97,38 @@ def test_name_disagreeing_with_shapes_names_the_tensor(tmp_path):
     path = tmp_path / "sit.pt"
     torch.save(random_sit().state_dict(), path)
     with pytest.raises(AhpaError) as err:
-        load_model_for_sampling(path, model_name="SiT-T/4")
+        load_backbone(path, model_name="SiT-T/4")
     msg = str(err.value)
     assert "x_embedder.proj.weight" in msg and "[192, 4, 2, 2]" in msg and "[192, 4, 4, 4]" in msg
     assert "SiT-T/2" in msg and "depth=6" in msg
     with pytest.raises(AhpaError, match="y_embedder.embedding_table.weight"):
-        load_model_for_sampling(path, num_classes=20)
+        load_backbone(path, num_classes=20)
 
 
 def test_unknown_shapes_describe_the_checkpoint(tmp_path):
     path = tmp_path / "custom.pt"
     torch.save(SiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10).state_dict(), path)
     with pytest.raises(AhpaError, match=r"no known SiT model.*depth=2, hidden_size=64, patch_size=2"):
-        load_model_for_sampling(path)
+        load_backbone(path)
 
 
 def test_not_a_sit_state_dict(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"encoder.weight": torch.zeros(2)}, path)
     with pytest.raises(AhpaError, match="not a SiT state dict.*encoder.weight"):
-        load_model_for_sampling(path)
+        load_backbone(path)
 
 
 def test_pickled_objects_are_refused_with_advice(tmp_path):
     path = tmp_path / "pickled.pt"
     torch.save({"ema": random_sit().state_dict(), "args": pathlib.PurePosixPath("runs/x")}, path)
     with pytest.raises(AhpaError, match="weights_only=True.*re-save"):
-        load_model_for_sampling(path)
+        load_backbone(path)
 
 
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(AhpaError, match="nothing.pt"):
-        load_model_for_sampling(tmp_path / "nothing.pt")
+        load_backbone(tmp_path / "nothing.pt")
     with pytest.raises(AhpaError, match="ema.safetensors"):
         read_meta(tmp_path)
 
@@ -148,7 +143,7 @@ def test_ema_safetensors_roundtrip(tmp_path):
     save_ema_safetensors(compiled_like, step_dir / "ema.safetensors", meta)
     assert os.listdir(step_dir) == ["ema.safetensors"]  # no temporary left behind
     assert read_meta(step_dir / "ema.safetensors") == meta
-    loaded, loaded_meta = load_model_for_sampling(step_dir)
+    loaded, loaded_meta = load_backbone(step_dir)
     assert loaded_meta == meta
     assert_same_outputs(model, loaded)
 
@@ -156,6 +151,6 @@ def test_ema_safetensors_roundtrip(tmp_path):
 def test_meta_num_classes_wins_without_null_class(tmp_path):
     model = random_sit("SiT-T/8", num_classes=5, class_dropout=0.0)
     save_ema_safetensors(model, tmp_path / "ema.safetensors", dict(model="SiT-T/8", num_classes=5))
-    loaded, meta = load_model_for_sampling(tmp_path / "ema.safetensors")
+    loaded, meta = load_backbone(tmp_path / "ema.safetensors")
     assert loaded.num_classes == 5 and loaded.y_embedder.embedding_table.num_embeddings == 5
     assert meta["time_convention"] == "repa"

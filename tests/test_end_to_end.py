@@ -17,17 +17,16 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from ahpa import cli
+from ahpa import build, cli
 from ahpa.checkpointing import latest_checkpoint
 from ahpa.config import load_config
-from ahpa.data import toy
 from ahpa.data.toy import load_toy, toy_reference_npz
 from ahpa.evaluation import command
 from ahpa.evaluation.inception import InceptionFeatures, random_state_dict
 from ahpa.evaluation.metrics import frechet_distance
 from ahpa.evaluation.npz import save_npz_atomic, to_uint8
-from ahpa.generate import latents_to_vae
-from ahpa.models.checkpoints import load_model_for_sampling
+from ahpa.generate.engine import latents_to_vae
+from ahpa.runs import load_backbone as load_model_for_sampling
 from ahpa.models.sit import build_sit
 from ahpa.priors.vae import load_vae
 from ahpa.sampling import noise_for_indices, sample
@@ -51,7 +50,7 @@ def runs(tmp_path_factory) -> dict[str, Trainer]:
     keep = torch.cat([torch.nonzero(labels == c).flatten()[:8] for c in range(10)])
     trainers = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(toy, "load_toy", lambda split="train", resolution=32: (images[keep], labels[keep]))
+        patch.setattr(build, "load_toy", lambda split="train", resolution=32: (images[keep], labels[keep]))
         for method in ("ahpa", "vanilla"):
             cfg = load_config(TOY, [
                 f"train.out={root / method}", f"align.method={method}", "train.steps=1", "train.global_batch=8",
@@ -139,7 +138,7 @@ def test_sample_then_evaluate(runs, tmp_path, monkeypatch):
 
     # Rerunning the same command does no work and leaves the output untouched.
     before = (npz.stat().st_mtime_ns, npz.read_bytes(), sorted(p.name for p in (out / "parts").iterdir()))
-    monkeypatch.setattr("ahpa.generate.sample", lambda *a, **k: pytest.fail("a finished run sampled again"))
+    monkeypatch.setattr("ahpa.generate.engine.sample", lambda *a, **k: pytest.fail("a finished run sampled again"))
     assert cli.main(argv) == 0
     assert (npz.stat().st_mtime_ns, npz.read_bytes(), sorted(p.name for p in (out / "parts").iterdir())) == before
     monkeypatch.undo()

@@ -13,13 +13,8 @@ from torch import nn
 import ahpa.priors.vae
 from ahpa.errors import AhpaError
 from ahpa.evaluation.npz import open_npz_images
-from ahpa.generate import (
-    assemble_samples,
-    generate_samples,
-    latents_to_vae,
-    register,
-    samples_path,
-)
+from ahpa.generate.command import register
+from ahpa.generate.engine import assemble_samples, generate_samples, latents_to_vae, samples_path
 from ahpa.models.checkpoints import save_ema_safetensors
 from ahpa.models.sit import build_sit
 
@@ -165,7 +160,7 @@ def test_assembly_memory_does_not_grow_with_the_number_of_samples(tmp_path):
     """Images are gathered in a memory map and streamed into the archive: peak memory ~ one part file."""
     import tracemalloc
 
-    from ahpa.generate import assemble_samples
+    from ahpa.generate.engine import assemble_samples
 
     n, per = 1600, 100  # 79 MB of images: well above numpy's 16 MiB write buffer
     rng = np.random.default_rng(0)

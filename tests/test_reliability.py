@@ -101,7 +101,7 @@ def test_train_vae_keeps_a_foreign_directory_and_a_file(capsys, tmp_path):
 
 # ---------------------------------------------------------------------- 2. mixed checkpoints in one sample directory
 def test_sample_directory_is_bound_to_the_checkpoint(tmp_path):
-    from ahpa.generate import generate_samples
+    from ahpa.generate.engine import generate_samples
 
     meta = dict(model="SiT-T/4", input_size=8, in_channels=4, num_classes=10, learn_sigma=False, vae="tiny",
                 scaling_factor=0.5, latent_shift=None, latent_scale=None, time_convention="repa")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ahpa.errors import AhpaError
-from ahpa.generate import MANIFEST, generate_samples
+from ahpa.generate.engine import MANIFEST, generate_samples
 from ahpa.models.sit import build_sit
 from ahpa.sampling import noise_for_indices, sample, sde_seeds
 from ahpa.sampling_speed import AutocastForward, speed_wrapped

@@ -10,7 +10,7 @@ from torch import nn
 
 import ahpa.counter_rng as counter_rng
 from ahpa.counter_rng import StepNoise, counter_normal, philox4x32, seed_keys
-from ahpa.generate import assemble_samples, generate_samples
+from ahpa.generate.engine import assemble_samples, generate_samples
 from ahpa.sampling import noise_for_indices, sample, sde_seeds
 
 pytestmark = pytest.mark.usefixtures("one_thread")

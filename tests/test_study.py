@@ -135,7 +135,7 @@ def test_study_killed_during_training_and_evaluation_resumes_to_the_same_results
     assert not (killed / "evals" / "ahpa-s0" / "0000004.json").exists()
     assert (killed / "runs" / "ahpa-s0" / "checkpoints" / "latest").read_text().strip() == "0000002"
     # 2. the rerun killed while sampling step 4 (before its second part file)
-    run_until_stopped(STOP_BEFORE.format(module="ahpa.generate", owner="", name="save_npz_atomic", n=2), argv)
+    run_until_stopped(STOP_BEFORE.format(module="ahpa.generate.engine", owner="", name="save_npz_atomic", n=2), argv)
     parts = list((killed / "samples" / "ahpa-s0" / "0000004" / "parts").glob("part_*.npz"))
     assert len(parts) == 1 and not (killed / "evals" / "ahpa-s0" / "0000004.metrics.json").exists()
     # 3. the rerun to the end, in-process

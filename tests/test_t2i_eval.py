@@ -123,6 +123,6 @@ def test_t2i_bad_input_one_line_nothing_written(tmp_path, tiny_pickscore, capsys
         assert message in err and len(err.splitlines()) == 1, err
         assert sorted(tmp_path.rglob("*")) == before  # nothing written
     with pytest.raises(AhpaError, match="needs --coco"):
-        from ahpa.generate_t2i import read_prompts
+        from ahpa.generate.conditions import read_prompts
 
         read_prompts("coco-val", None, None, 0)

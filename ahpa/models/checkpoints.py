@@ -118,7 +118,7 @@ def _check_shapes(model: SiT, state: Mapping[str, Tensor], arch: dict, source: P
                         "pass the matching model name (or none, to infer it)")
 
 
-_WHAT_TO_PASS = "pass RUN/checkpoints/<step>/, its ema.safetensors, or a published SiT/REPA .pt"
+_WHAT_TO_PASS = "pass a run directory, RUN/checkpoints/<step>/, its ema.safetensors, or a published SiT/REPA .pt"  # as ahpa.runs says
 
 
 def _torch_load(path: Path) -> Mapping:
