@@ -249,7 +249,7 @@ def _cache_source(cfg, device, rank, world, per_rank) -> CacheSource:
     manifest = read_manifest(cfg.data.path)
     grid = manifest["latent_shape"][-1] // patch_size(cfg.model.name)
     if TEACHER_GROUP in aligned_groups(cfg):  # a REPA run on a cache without (these) teacher features: refused by name
-        check_cache_teacher(manifest, cfg.data.path, cfg.teacher.model, grid, cfg.teacher.input_size)
+        check_cache_teacher(manifest, cfg.data.path, cfg.teacher.model, grid, cfg.teacher.input_size, cfg.model.name)
     vae = build_vae(cfg, device)  # decodes sample grids; its hash must match the cache
     prior = build_prior(cfg, vae, grid)
     shapes = target_shapes(cfg, prior, manifest["latent_shape"], grid,

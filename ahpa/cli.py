@@ -19,7 +19,7 @@ COMMANDS = [
     "ahpa.demo",  # demo
     "ahpa.generate",  # sample
     "ahpa.evaluation.command",  # evaluate
-    "ahpa.data.extract",  # extract
+    "ahpa.extract",  # extract
     "ahpa.data.tiny_vae",  # train-vae
     "ahpa.diagnostics.profile",  # profile
     "ahpa.diagnostics.command",  # diagnose

@@ -265,7 +265,7 @@ def test_teacher_features_cached_with_flips_and_refused_when_missing(image_folde
 
 def test_the_teacher_sees_the_flipped_image_on_the_fly(image_folder, tmp_path):
     from ahpa.build import build_source
-from ahpa.data.sampler import step_generator
+    from ahpa.data.sampler import step_generator
 
     c = load_config(CONFIGS / "toy-repa.yaml", [f"data.path={image_folder}", "data.source=images", "data.hflip=true", "train.seed=3",
                                                  *FAST, "model.num_classes=10"])

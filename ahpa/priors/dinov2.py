@@ -214,7 +214,7 @@ def teacher_cache_fields(teacher: DINOv2Teacher) -> dict:
     return teacher.describe()
 
 
-def check_cache_teacher(manifest: dict, path, model: str, grid: int, input_size: int = 0) -> None:
+def check_cache_teacher(manifest: dict, path, model: str, grid: int, input_size: int = 0, backbone: str = "the model") -> None:
     """Refuse a run that aligns to "dinov2" on a cache written without teacher features (or with another teacher).
 
     Checks the teacher name and token grid recorded by ``ahpa extract --teacher``; the weights'
@@ -231,6 +231,6 @@ def check_cache_teacher(manifest: dict, path, model: str, grid: int, input_size:
                         "re-extract with that teacher or set teacher.model to the cached one")
     if stored.get("grid") != grid:
         raise AhpaError(f"feature cache '{path}' holds teacher features on a {stored.get('grid')}x{stored.get('grid')} grid "
-                        f"({stored.get('input_size')} px), but the model has a {grid}x{grid} token grid here; re-extract with --config of this model (or --grid {grid})")
+                        f"({stored.get('input_size')} px), but {backbone} has a {grid}x{grid} token grid here; re-extract with --config of this model (or --grid {grid})")
     if input_size and input_size != stored.get("input_size"):
         raise AhpaError(f"feature cache '{path}' holds teacher features at {stored.get('input_size')} px, the run asks for teacher.input_size={input_size}")
