@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,12 @@ from typing import Any
 
 import yaml
 
+from ahpa.config_rules import CHOICES, LATENT_GROUP, METHOD_GROUP, TEACHER_GROUP, VAE_GROUPS, validate  # noqa: F401 (the group names are re-exported)
 from ahpa.errors import AhpaError
+from ahpa.io import write_text_atomic
 
 # The YAML presets (configs/ at the repository root; the README installs the project editable).
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
-from ahpa.io import write_text_atomic
 
 
 @dataclass
@@ -169,30 +169,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     text: TextConfig = field(default_factory=TextConfig)
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("images", "cache", "toy", "coco", "toy_captions"),
-    "vae.latent_norm": ("scale", "channel_stats"),
-    "transport.path": ("linear", "cosine"),
-    "transport.time_sampling": ("uniform", "lognormal"),
-    "prior.kind": ("none", "vae_hierarchy"),
-    "prior.split": ("4/4", "2/6", "6/2"),
-    "prior.grouping": ("auto", "sd_vae", "resolution"),
-    "prior.resample": ("area", "bilinear"),
-    "prior.normalize": ("token", "none", "spatial", "irepa"),
-    "prior.latent_target": ("patchify", "pool"),
-    "teacher.model": tuple(f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")),
-    "align.method": ("ahpa", "repa", "sra2", "vanilla"),
-    "align.router": ("dynamic", "uniform", "linear", "lut", "attention", "content"),
-    "align.time_encoding": ("linear", "sinusoidal", "fourier"),
-    "align.head": ("conv3", "linear", "mlp3", "mlp5", "convblock2", "convblock3", "convblock5", "sra_mlp"),
-    "align.loss": ("cosine", "l1", "smooth_l1"),
-    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "sample.mode": ("ode", "sde"),
-    "sample.method": ("euler", "heun"),
-    "text.split": ("train2014", "val2014"),
-}
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -345,98 +321,6 @@ def _yaml_chain(path: Path) -> list[tuple[Path, dict]]:
 
 
 # Target groups and the prior each comes from (prior.groups).
-VAE_GROUPS = ("G1", "G2", "G3", "G4")  # hierarchical VAE prior (ahpa/priors/hierarchy.py)
-TEACHER_GROUP = "dinov2"  # DINOv2 teacher, REPA (ahpa/priors/dinov2.py)
-LATENT_GROUP = "latent"  # VAE posterior mean, SRA2-style (ahpa/priors/latent.py)
-METHOD_GROUP = {"repa": TEACHER_GROUP, "sra2": LATENT_GROUP}
-
-
-def validate(cfg: Config) -> None:
-    for dotted, allowed in CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise AhpaError(f"config key '{dotted}' is {value!r}; choose one of: {', '.join(allowed)}")
-    if cfg.train.global_batch < 1:
-        raise AhpaError("config key 'train.global_batch' must be at least 1")
-    if cfg.train.steps < 0:
-        raise AhpaError("config key 'train.steps' must be non-negative")
-    for key in ("log_every", "keep_last"):
-        if getattr(cfg.train, key) < 1:
-            raise AhpaError(f"config key 'train.{key}' must be at least 1")
-    if cfg.train.gsnr_every < 0:
-        raise AhpaError("config key 'train.gsnr_every' must be 0 (off) or a positive number of steps")
-    if cfg.sample.cfg_scale != 1.0 and cfg.model.class_dropout == 0:
-        raise AhpaError("sample.cfg_scale != 1 needs the null class that label dropout trains; set model.class_dropout > 0 (0.1) or sample.cfg_scale=1")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise AhpaError("config key 'train.ema_decay' must lie in [0, 1)")
-    if not 0.0 <= cfg.sample.guidance_low <= cfg.sample.guidance_high <= 1.0:
-        raise AhpaError("sample.guidance_low and sample.guidance_high must satisfy 0 <= low <= high <= 1")
-    if cfg.data.source == "coco" and not cfg.data.path:
-        raise AhpaError("data.source is 'coco' but data.path is empty; set data.path=/path/to/coco (train2014/, annotations/)")
-    if cfg.data.source in ("images", "cache") and not cfg.data.path:
-        raise AhpaError(f"data.source is '{cfg.data.source}' but data.path is empty; set data.path=/path/to/{'imagenet/train' if cfg.data.source == 'images' else 'cache'}")
-    known = (*VAE_GROUPS, TEACHER_GROUP, LATENT_GROUP)
-    bad = [g for g in cfg.prior.groups if g not in known]
-    if bad:
-        raise AhpaError(f"prior.groups has unknown group {bad[0]!r}; choose from: {', '.join(known)}")
-    if len(set(cfg.prior.groups)) != len(cfg.prior.groups):
-        raise AhpaError(f"prior.groups {cfg.prior.groups} names a group twice")
-    need = METHOD_GROUP.get(cfg.align.method)
-    if need and need not in cfg.prior.groups:
-        raise AhpaError(f"align.method={cfg.align.method} aligns to the '{need}' group, but prior.groups is {cfg.prior.groups}; set prior.groups=[{need}]")
-    if cfg.align.method != "vanilla" and cfg.prior.kind == "none":
-        raise AhpaError(f"align.method={cfg.align.method} needs a prior; set prior.kind=vae_hierarchy (or align.method=vanilla)")
-    if cfg.teacher.input_size and (cfg.teacher.input_size < 0 or cfg.teacher.input_size % 14):
-        raise AhpaError(f"teacher.input_size={cfg.teacher.input_size} must be a multiple of the DINOv2 patch size 14 (or 0: 14 x the token grid)")
-    if any(d < 1 for d in cfg.align.depths):
-        raise AhpaError("align.depths are 1-indexed block numbers (>= 1)")
-    if cfg.align.router_temperature <= 0:
-        raise AhpaError("config key 'align.router_temperature' must be > 0 (1 = the paper's softmax)")
-    for key in ("router_lr_mult", "router_entropy", "router_warmup_steps"):
-        if getattr(cfg.align, key) < 0:
-            raise AhpaError(f"config key 'align.{key}' must be >= 0")
-    _validate_ranges(cfg)
-
-
-def _validate_ranges(cfg: Config) -> None:
-    """Numbers outside their meaningful range (issue 9): refused before anything runs."""
-    for section in dataclasses.fields(cfg):
-        values = getattr(cfg, section.name)
-        for f in dataclasses.fields(values):
-            value = getattr(values, f.name)
-            for v in value if isinstance(value, list) else [value]:
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise AhpaError(f"config key '{section.name}.{f.name}' is {v!r}; it must be a finite number")
-    t = cfg.train
-    rules = [
-        (t.lr > 0, "train.lr", "must be positive (e.g. 1e-4)"),
-        (len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas), "train.betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
-        (t.weight_decay >= 0, "train.weight_decay", "must be non-negative"),
-        (t.grad_clip >= 0, "train.grad_clip", "must be non-negative (0: no clipping)"),
-        (t.ckpt_every >= 0, "train.ckpt_every", "must be non-negative (0: only at the end)"),
-        (t.sample_every >= 0, "train.sample_every", "must be non-negative (0: no periodic grids)"),
-        (t.max_minutes >= 0, "train.max_minutes", "must be non-negative (0: no limit)"),
-        (t.grid_steps >= 1, "train.grid_steps", "must be at least 1"),
-        (t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1"),
-        (0.0 <= cfg.model.class_dropout < 1.0, "model.class_dropout", "must lie in [0, 1)"),
-        (cfg.model.num_classes >= 1, "model.num_classes", "must be at least 1"),
-        (cfg.data.num_workers >= 0, "data.num_workers", "must be non-negative (0: load in the main process)"),
-        (cfg.data.resolution >= 8, "data.resolution", "must be a positive image side in pixels (e.g. 256)"),
-        (cfg.align.weight >= 0, "align.weight", "must be non-negative (lambda)"),
-        (min(cfg.align.time_dim, cfg.align.router_hidden, cfg.align.lut_bins, cfg.align.prototypes) >= 1,
-         "align.time_dim/router_hidden/lut_bins/prototypes", "must be at least 1"),
-        (cfg.transport.time_std > 0, "transport.time_std", "must be positive"),
-        (cfg.vae.scaling_factor >= 0, "vae.scaling_factor", "must be non-negative (0: the VAE's own)"),
-        (cfg.sample.steps >= 1, "sample.steps", "must be at least 1"),
-        (cfg.sample.cfg_scale >= 0, "sample.cfg_scale", "must be non-negative (1: no guidance)"),
-    ]
-    for ok, key, rule in rules:
-        if not ok:
-            value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1], None) if "/" not in key else None
-            raise AhpaError(f"config key '{key}' {'is ' + repr(value) + '; it ' if value is not None else ''}{rule}")
-
-
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
