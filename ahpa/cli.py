@@ -17,7 +17,7 @@ from ahpa.errors import AhpaError
 COMMANDS = [
     "ahpa.train",  # train
     "ahpa.demo",  # demo
-    "ahpa.generate",  # sample
+    "ahpa.generate.command",  # sample
     "ahpa.evaluation.command",  # evaluate
     "ahpa.extract",  # extract
     "ahpa.data.tiny_vae",  # train-vae

@@ -26,7 +26,7 @@ import yaml
 
 from ahpa.config_rules import CHOICES, LATENT_GROUP, METHOD_GROUP, TEACHER_GROUP, VAE_GROUPS, validate  # noqa: F401 (the group names are re-exported)
 from ahpa.errors import AhpaError
-from ahpa.io import write_text_atomic
+from ahpa.io import read_yaml_mapping, write_text_atomic
 
 # The YAML presets (configs/ at the repository root; the README installs the project editable).
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
@@ -300,13 +300,7 @@ def _yaml_chain(path: Path) -> list[tuple[Path, dict]]:
             cycle = " -> ".join(p.name for p in [*seen, path])
             raise AhpaError(f"config inheritance cycle: {cycle}; remove one of the 'base:' keys")
         seen.append(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise AhpaError(f"config file '{path}' is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise AhpaError(f"{path}: expected a mapping of sections (model:, train:, ...), got {type(data).__name__}")
-        data = dict(data)
+        data = dict(read_yaml_mapping(path, "config file", "of sections model:, train:, ..."))
         base = data.pop(BASE_KEY, None)
         chain.append((path, data))
         if base is None:

@@ -14,15 +14,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from ahpa.errors import AhpaError
 
 
 def _temp_name(path: Path) -> Path:
@@ -160,8 +169,6 @@ def _gib(n: float) -> str:
 
 def _check_writable_place(path: Path, what: str, need_bytes: int) -> None:
     """The nearest existing ancestor of ``path`` is a writable directory with ``need_bytes`` free."""
-    from ahpa.errors import AhpaError
-
     anc = _existing_ancestor(path)
     if not anc.is_dir():
         raise AhpaError(f"{what} {path}: {anc} is an existing file, not a directory; choose a path under a directory")
@@ -179,8 +186,6 @@ def _check_writable_place(path: Path, what: str, need_bytes: int) -> None:
 def check_output_dir(path: str | os.PathLike, what: str = "--out", need_bytes: int = 0) -> Path:
     """Refuse (AhpaError, nothing written) an output directory that cannot be one: an existing
     file, a read-only place, or a file system with less than ``need_bytes`` free."""
-    from ahpa.errors import AhpaError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise AhpaError(f"{what} {path} is an existing file, not a directory; choose a directory (new or a previous output)")
@@ -191,8 +196,6 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out", need_bytes: i
 def check_output_file(path: str | os.PathLike, what: str = "--out", need_bytes: int = 0) -> Path:
     """Refuse an output file name that cannot be written: an existing directory, a parent that
     is a file, a read-only place, or too little free space."""
-    from ahpa.errors import AhpaError
-
     path = Path(path)
     if path.is_dir():
         raise AhpaError(f"{what} {path} is an existing directory, but a file name is expected; pass e.g. {path / 'results.json'}")
@@ -262,8 +265,6 @@ class RunLock:
         self.mode = "flock"
 
     def _refuse(self, holder: dict):
-        from ahpa.errors import AhpaError
-
         who = f"PID {holder.get('pid', '?')} on {holder.get('host', '?')}"
         if holder.get("command"):
             who += f" ({holder['command']}, since {holder.get('since', '?')})"
@@ -271,16 +272,10 @@ class RunLock:
                          f"or use another output directory (lock file {self.path})")
 
     def _record(self) -> bytes:
-        import socket
-        import time
-
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
 
     def acquire(self) -> "RunLock":
-        import fcntl
-        import socket
-
         if not self.directory.exists():
             self.directory.mkdir(parents=True)
             self.created_dir = True
@@ -378,8 +373,6 @@ def lock_on_main_rank(directory, command: str, *, is_main: bool, world: int, dev
     """Rank 0 takes the run-directory lock (after ``check()``, e.g. an output-path check); every
     rank learns whether that failed (one all-reduce), so no rank is left waiting. Prints a
     takeover note once. Returns the lock on rank 0, None elsewhere."""
-    from ahpa.errors import AhpaError
-
     lock, error = None, None
     if is_main:
         try:
@@ -389,9 +382,6 @@ def lock_on_main_rank(directory, command: str, *, is_main: bool, world: int, dev
         except AhpaError as err:
             error = err
     if world > 1:
-        import torch
-        import torch.distributed as dist
-
         flag = torch.tensor([float(error is not None)], device=device)
         dist.all_reduce(flag)
         if float(flag) > 0 and error is None:
@@ -403,3 +393,13 @@ def lock_on_main_rank(directory, command: str, *, is_main: bool, world: int, dev
     return lock
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str) -> dict:
+    """A YAML file that must hold a mapping: a parse error or another type is one line naming the file and
+    ``expected`` (the keys it should have)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise AhpaError(f"{what} '{path}' is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise AhpaError(f"{what} '{path}' must be a mapping ({expected}), got {type(data).__name__}")
+    return data

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ahpa.data.images import FORMATS, ImageReport, LoadResult, file_list_sha256, to_rgb
+from ahpa.data.images import FORMATS, ImageList, ImageReport, LoadResult, to_rgb
 from ahpa.data.sampler import step_generator
 from ahpa.data.toy import load_toy
 from ahpa.errors import AhpaError
@@ -121,7 +121,7 @@ def draw_caption_rows(image_index: Tensor, offsets: Tensor, seed: int, step: int
     return start + torch.minimum((u * count).long(), count - 1)
 
 
-class CocoImages:
+class CocoImages(ImageList):
     """The images of a split in the interface of ``ImageFolderDataset`` (for ``ahpa extract``).
 
     ``y`` is the image's index in the split (its position in id order), so the caption
@@ -140,14 +140,8 @@ class CocoImages:
         if not (Path(root) / split).is_dir():
             raise AhpaError(f"COCO folder {root} has no {split}/ image folder; expected the 2014 layout")
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def file_list_hash(self) -> str:
-        return file_list_sha256(self.files)
-
     def load(self, index: int) -> LoadResult:
-        path = os.path.join(self.root, self.files[index])
+        path = self.path(index)
         try:
             with Image.open(path, formats=FORMATS) as image:
                 image.load()

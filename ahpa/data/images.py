@@ -180,7 +180,24 @@ def file_list_sha256(files: list[str]) -> str:
     """sha256 of a data set's relative paths in order: identifies the image list (cache manifests, resume)."""
     return hashlib.sha256("\n".join(files).encode()).hexdigest()
 
-class ImageFolderDataset(Dataset):
+class ImageList:
+    """Image files under ``root`` (``files``: "/"-separated paths relative to it): the length, the list's hash
+    (what a feature cache records), and the path of one file."""
+
+    root: str
+    files: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def file_list_hash(self) -> str:
+        return file_list_sha256(self.files)
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self.files[index])
+
+
+class ImageFolderDataset(ImageList, Dataset):
     """``root/<class>/<image>`` -> ``dict(image=uint8 [3, R, R], y=long)`` (ADM centre crop)."""
 
     def __init__(self, root: str | os.PathLike, resolution: int, report: ImageReport | None = None):
@@ -216,15 +233,9 @@ class ImageFolderDataset(Dataset):
                 "expected root/<class>/<image> as in ImageNet's train folder"
             )
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def file_list_hash(self) -> str:
-        return file_list_sha256(self.files)
-
     def load(self, index: int) -> LoadResult:
         """Decode one file; failures are returned, not raised (the caller records them)."""
-        path = os.path.join(self.root, self.files[index])
+        path = self.path(index)
         try:
             arr, mode, upsampled = decode_image(path, self.resolution)
         except ImageDecodeError as err:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ahpa.data.toy import load_toy
 from ahpa.errors import AhpaError
+from ahpa.evaluation.npz import to_uint8
 from ahpa.io import atomic_dir, check_output_dir
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_vae"
@@ -64,8 +65,6 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reconstruction_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -> float:
     """PSNR (dB) of posterior-mean reconstructions, on uint8 images, over the whole set."""
-    from ahpa.evaluation.npz import to_uint8
-
     sq_err, count = 0.0, 0
     for chunk in images.split(batch):
         recon = vae.decode(vae.encode(_to_unit(chunk)).latent_dist.mode()).sample

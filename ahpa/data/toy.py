@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ahpa.errors import AhpaError
+from ahpa.evaluation.npz import save_npz_atomic
 from ahpa.io import atomic_dir
 
 SPLITS = ("train", "heldout")
@@ -97,8 +98,6 @@ def write_image_folder(root: str | os.PathLike, split: str = "train", resolution
 
 def toy_reference_npz(path: str | os.PathLike, split: str = "heldout", resolution: int = 32) -> Path:
     """Write a split as an ADM-style reference batch (``arr_0``: uint8 NHWC)."""
-    from ahpa.evaluation.npz import save_npz_atomic
-
     images, _ = load_toy(split, resolution)
     save_npz_atomic(path, images.permute(0, 2, 3, 1).numpy())
     return Path(path)

@@ -30,8 +30,16 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ahpa.errors import AhpaError
-from ahpa.models.sit import (FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, dit_init_linears_and_patches,
-                             dit_init_time_and_zero_layers, modulate)
+from ahpa.models.sit import (
+    Backbone,
+    FinalLayer,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    dit_init_linears_and_patches,
+    dit_init_time_and_zero_layers,
+    modulate,
+)
 
 # size -> (depth, hidden, heads); heads of width 32 and hidden = 32 x depth as REPA's MMDiT ("B" is REPA's).
 _SIZES = {"T": (6, 192, 6), "S": (12, 384, 12), "B": (24, 768, 24)}
@@ -97,22 +105,20 @@ class JointBlock(nn.Module):
         return self.context_block.post_attention(context, out[:, :n_ctx], mods_c), x
 
 
-class MMDiT(nn.Module):
+class MMDiT(Backbone):
     """Multimodal diffusion transformer predicting the velocity ``v(x_t, t, context)``."""
+
+    FAMILY = "MMDiT"
+    REGISTRY = MMDIT_CONFIGS
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 768,
                  depth: int = 24, num_heads: int = 24, mlp_ratio: float = 4.0, context_tokens: int = CLIP_CONTEXT[0],
                  context_dim: int = CLIP_CONTEXT[1], class_dropout: float = 0.1):
         super().__init__()
-        if input_size % patch_size:
-            raise AhpaError(f"input size {input_size} is not divisible by patch size {patch_size}; "
-                            "choose a resolution whose latent size is a multiple of the patch size")
-        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
+        self._set_geometry(input_size, patch_size, in_channels, hidden_size, depth, num_heads)
         self.context_tokens, self.context_dim = context_tokens, context_dim
         self.class_dropout = class_dropout
         self.out_channels = in_channels
-        self.grid = input_size // patch_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -132,19 +138,6 @@ class MMDiT(nn.Module):
         dit_init_linears_and_patches(self)
         dit_init_time_and_zero_layers(self, [stream.adaLN_modulation[-1] for block in self.joint_blocks
                                              for stream in (block.context_block, block.x_block)])
-
-    @property
-    def name(self) -> str:
-        arch = dict(depth=self.depth, hidden_size=self.hidden_size, num_heads=self.num_heads, patch_size=self.patch_size)
-        for name, cfg in MMDIT_CONFIGS.items():
-            if cfg == arch:
-                return name
-        return "MMDiT(" + ", ".join(f"{k}={v}" for k, v in arch.items()) + ")"
-
-    @property
-    def default_alignment_depth(self) -> int:
-        """A quarter of the depth, as SiT (6 for depth 24; REPA's T2I taps block 8: set align.depths)."""
-        return max(1, round(self.depth / 4))
 
     def set_null_context(self, null: Tensor) -> None:
         """Store the empty prompt's embedding ``[1, tokens, dim]`` (or ``[tokens, dim]``)."""
@@ -166,11 +159,6 @@ class MMDiT(nn.Module):
         else:
             return y
         return torch.where(drop.view(-1, 1, 1), self.null_condition(y), y)
-
-    def unpatchify(self, x: Tensor) -> Tensor:
-        B, p, g, c = x.shape[0], self.patch_size, self.grid, self.out_channels
-        x = x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(B, c, g * p, g * p)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, hidden_depths: Sequence[int] = (), *,
                 force_drop_ids: Tensor | None = None) -> Tensor | tuple[Tensor, dict[int, Tensor]]:

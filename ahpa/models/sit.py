@@ -174,21 +174,60 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class SiT(nn.Module):
-    """Scalable Interpolant Transformer predicting the velocity ``v(x_t, t, y)``."""
+class Backbone(nn.Module):
+    """What every backbone of this project shares (SiT's hidden-state contract, docs/design.md section 1):
+    its registry name, the block whose output is aligned by default, and the unpatchify of its output tokens.
+    A subclass sets ``REGISTRY`` (name -> architecture) and ``FAMILY`` and holds depth, hidden_size,
+    num_heads, patch_size, grid and out_channels."""
 
-    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
-                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000,
-                 class_dropout: float = 0.1, learn_sigma: bool = False):
-        super().__init__()
+    REGISTRY: dict[str, dict] = {}
+    FAMILY = "Backbone"
+
+    def _set_geometry(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
+                      num_heads: int) -> None:
         if input_size % patch_size:
             raise AhpaError(f"input size {input_size} is not divisible by patch size {patch_size}; "
                             "choose a resolution whose latent size is a multiple of the patch size")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
+        self.grid = input_size // patch_size
+
+    @property
+    def name(self) -> str:
+        """Registry name (e.g. ``"SiT-XL/2"``), or a description for a custom size."""
+        arch = dict(depth=self.depth, hidden_size=self.hidden_size, num_heads=self.num_heads,
+                    patch_size=self.patch_size)
+        for name, cfg in self.REGISTRY.items():
+            if cfg == arch:
+                return name
+        return f"{self.FAMILY}(" + ", ".join(f"{k}={v}" for k, v in arch.items()) + ")"
+
+    @property
+    def default_alignment_depth(self) -> int:
+        """Block whose output is aligned (docs/design.md section 1: S,B 3; L 6; XL 7, i.e. a quarter of the depth;
+        REPA's text-to-image MMDiT taps block 8: set align.depths)."""
+        return max(1, round(self.depth / 4))
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """Tokens ``[B, N, p*p*C]`` -> image ``[B, C, H, W]``."""
+        B, p, g, c = x.shape[0], self.patch_size, self.grid, self.out_channels
+        x = x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(B, c, g * p, g * p)
+
+
+class SiT(Backbone):
+    """Scalable Interpolant Transformer predicting the velocity ``v(x_t, t, y)``."""
+
+    FAMILY = "SiT"
+    REGISTRY = SIT_CONFIGS
+
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
+                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000,
+                 class_dropout: float = 0.1, learn_sigma: bool = False):
+        super().__init__()
+        self._set_geometry(input_size, patch_size, in_channels, hidden_size, depth, num_heads)
         self.num_classes, self.learn_sigma = num_classes, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.grid = input_size // patch_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -207,27 +246,6 @@ class SiT(nn.Module):
         dit_init_linears_and_patches(self)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         dit_init_time_and_zero_layers(self, [block.adaLN_modulation[-1] for block in self.blocks])
-
-    @property
-    def name(self) -> str:
-        """Registry name (e.g. ``"SiT-XL/2"``), or a description for a custom size."""
-        arch = dict(depth=self.depth, hidden_size=self.hidden_size, num_heads=self.num_heads,
-                    patch_size=self.patch_size)
-        for name, cfg in SIT_CONFIGS.items():
-            if cfg == arch:
-                return name
-        return "SiT(" + ", ".join(f"{k}={v}" for k, v in arch.items()) + ")"
-
-    @property
-    def default_alignment_depth(self) -> int:
-        """Block whose output is aligned (docs/design.md section 1: S,B 3; L 6; XL 7, i.e. a quarter of the depth)."""
-        return max(1, round(self.depth / 4))
-
-    def unpatchify(self, x: Tensor) -> Tensor:
-        """Tokens ``[B, N, p*p*C]`` -> image ``[B, C, H, W]``."""
-        B, p, g, c = x.shape[0], self.patch_size, self.grid, self.out_channels
-        x = x.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(B, c, g * p, g * p)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, hidden_depths: Sequence[int] = (), *,
                 force_drop_ids: Tensor | None = None) -> Tensor | tuple[Tensor, dict[int, Tensor]]:

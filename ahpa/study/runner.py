@@ -14,7 +14,7 @@ from ahpa.checkpointing import latest_checkpoint
 from ahpa.errors import AhpaError
 from ahpa.evaluation.command import evaluate
 from ahpa.evaluation.digits import digits_metrics
-from ahpa.generate import generate_samples, samples_path
+from ahpa.generate.engine import generate_samples, samples_path, vae_decoder
 from ahpa.priors.vae import load_vae
 from ahpa.io import atomic_open, write_json_atomic
 from ahpa.runs import load_backbone, load_objective
@@ -53,7 +53,7 @@ def sample_and_evaluate(study: Study, ckpt: Path, sample_dir: Path, metrics_path
     s = study.sampler
     kwargs = dict(mode=s["mode"], method=s["method"], steps=int(s["steps"]), cfg_scale=float(s["cfg_scale"]),
                   guidance_interval=(float(s["guidance_low"]), float(s["guidance_high"])), path=meta.get("path", "linear"))
-    npz = generate_samples(model, meta, lambda x: vae.decode(x.to(vae.dtype)).sample.float(), sample_dir,
+    npz = generate_samples(model, meta, vae_decoder(vae), sample_dir,
                                     study.samples, study.sample_batch, kwargs, seed=study.sample_seed)
     ref = study.reference
     if ref["kind"] == "digits":

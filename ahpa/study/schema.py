@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
 
-import yaml
-
 from ahpa.checkpointing import step_dir_name
 from ahpa.config import PRESETS, Config, load_config
 from ahpa.errors import AhpaError
+from ahpa.io import read_yaml_mapping
 
 STUDY_PRESETS = PRESETS / "studies"
 # Recipe keys every method of one study must share (a table compares methods, not recipes).
@@ -78,12 +77,7 @@ def load_study(path: str | os.PathLike, cli_overrides: list[str] | None = None, 
     path = Path(path)
     if not path.is_file():
         raise AhpaError(f"study file '{path}' does not exist; pass --preset NAME ({', '.join(list_presets())}) or --config STUDY.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise AhpaError(f"study file '{path}' is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise AhpaError(f"study file '{path}' must be a mapping (name:, methods:, seeds:, milestones:, ...)")
+    raw = read_yaml_mapping(path, "study file", "name:, methods:, seeds:, milestones:, ...")
     unknown = sorted(set(raw) - STUDY_KEYS)
     if unknown:
         raise AhpaError(f"{path}: unknown study key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(STUDY_KEYS))}")
