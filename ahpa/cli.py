@@ -21,7 +21,7 @@ COMMANDS = [
     "ahpa.evaluation.command",  # evaluate
     "ahpa.extract",  # extract
     "ahpa.data.tiny_vae",  # train-vae
-    "ahpa.diagnostics.profile",  # profile
+    "ahpa.diagnostics.profile_command",  # profile
     "ahpa.diagnostics.command",  # diagnose
     "ahpa.study.command",  # study
 ]

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 try:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 except ImportError:  # torch without DTensor: FSDP2 is unavailable and nothing is sharded
@@ -38,7 +39,6 @@ def shard_training_module(module: nn.Module) -> nn.Module:
     """FSDP2 in place: one ``fully_shard`` unit per SiT block (MMDiT: joint block), then the root (accelerate's
     ``transformer_based_wrap`` with ``SiTBlock``).  Parameters and gradient reductions stay float32;
     bf16 compute comes from autocast, as under DDP."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     for sub in list(module.modules()):

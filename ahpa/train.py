@@ -70,7 +70,7 @@ class Trainer:
 
     @_releases_lock_on_error
     def __init__(self, cfg: Config, *, show_progress: bool = True, resume: bool = True):
-        from accelerate import Accelerator
+        from accelerate import Accelerator  # accelerate: slow to import, only a Trainer needs it
 
         self.cfg = cfg
         self.out = Path(cfg.train.out)
@@ -423,7 +423,7 @@ class Trainer:
 
 def _start_wandb(cfg: Config, out: Path):
     try:
-        import wandb
+        import wandb  # optional extra (pip install wandb)
     except ImportError:
         raise AhpaError("train.wandb=true but wandb is not installed; pip install wandb, or set train.wandb=false (TensorBoard logs are always written)") from None
     return wandb.init(project="ahpa", name=out.name, dir=str(out), config=to_dict(cfg), resume="allow")

@@ -15,6 +15,8 @@ from ahpa import cli
 from ahpa.align.heads import build_head
 from ahpa.config import PRESETS
 from ahpa.diagnostics import profile as P
+from ahpa.diagnostics import profile_command as PC
+from ahpa.diagnostics import profile_speed as PS
 from ahpa.errors import AhpaError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,8 +129,8 @@ def test_measure_speed_alternates_and_takes_median(monkeypatch, sequential):
         calls.append(self.method.label)
         return next(fake)
 
-    monkeypatch.setattr(P.StepRunner, "timed", timed)
-    P.measure_speed(methods, batch=2, device=torch.device("cpu"), resolution=32, warmup=1, rounds=3, iters=1,
+    monkeypatch.setattr(PS.StepRunner, "timed", timed)
+    PS.measure_speed(methods, batch=2, device=torch.device("cpu"), resolution=32, warmup=1, rounds=3, iters=1,
                     sequential=sequential, log=lambda _: None)
     assert calls == (["A"] * 3 + ["B"] * 3 if sequential else ["A", "B"] * 3)
     assert methods[0].info["ms_per_iter"] == pytest.approx(400.0) and methods[1].info["ms_per_iter"] == pytest.approx(150.0)
@@ -164,7 +166,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch)
     assert cli.main(["profile", "--methods", "vanilla", "--batch", "0", "--out", str(out)]) == 2
     assert cli.main(["profile", "--model", "SiT-Q/2", "--methods", "vanilla", "--out", str(out)]) == 2
     assert "unknown model 'SiT-Q/2'" in capsys.readouterr().err
-    monkeypatch.setattr(P, "_available_bytes", lambda device: 1 << 20)
+    monkeypatch.setattr(PC, "available_bytes", lambda device: 1 << 20)
     argv = ["profile", "--model", "SiT-T/2", "--resolution", "32", "--methods", TOY, "--out", str(out)]
     assert cli.main(argv) == 2
     assert "--sequential" in capsys.readouterr().err

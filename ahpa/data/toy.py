@@ -50,7 +50,7 @@ def heldout_mask(labels: np.ndarray) -> np.ndarray:
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn: slow to import, only its bundled digits are read
 
     digits = load_digits()
     return digits.images.astype(np.float32), digits.target.astype(np.int64)

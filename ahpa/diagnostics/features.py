@@ -16,6 +16,8 @@ import argparse
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from ahpa.build import build_prior, build_vae, latent_geometry
 from ahpa.config import load_config
@@ -70,9 +72,6 @@ def _images(args, resolution: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def run_features(args: argparse.Namespace) -> int:
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
     if args.num < 1:
         raise AhpaError(f"--num must be at least 1, got {args.num}")
     if args.ckpt:

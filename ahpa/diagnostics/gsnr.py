@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -326,8 +327,6 @@ def _finite_or_null(x):
 def plot_gsnr(records: list[dict], path: Path, title: str = "") -> None:
     """Fig. 2 layout: G-SNR (batch-mean form) against t, one curve per target; beside it the
     per-sample form and the diffusion/alignment gradient cosine.  t = 1 (noise) on the left."""
-    from matplotlib.figure import Figure
-
 
     fig = Figure(figsize=(13.5, 3.8))
     axes = fig.subplots(1, 3)

@@ -30,13 +30,7 @@ images for a teacher): data loading is not part of the cost, as in Table 6.
 
 from __future__ import annotations
 
-import argparse
-import copy
-import gc
 import math
-import statistics
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -58,11 +52,10 @@ from ahpa.build import (
 )
 from ahpa.config import PRESETS, TEACHER_GROUP, Config, load_config
 from ahpa.errors import AhpaError
-from ahpa.io import write_json_atomic
 from ahpa.models.sit import SIT_CONFIGS
 from ahpa.priors.dinov2 import DINOv2Teacher
 from ahpa.priors.vae import vae_downsample_factor
-from ahpa.step import TrainingModule, update_ema
+from ahpa.step import TrainingModule
 
 METHOD_NAMES = ("vanilla", "ahpa", "repa", "sra2")
 # FlopCounterMode ops that are attention matmuls (fused SDPA kernels, or bmm of the math path).
@@ -209,7 +202,7 @@ def random_inputs(method: Method, batch: int, device, resolution: int) -> dict:
     return inputs
 
 
-def _features(built: Built, inputs: dict, grid: int) -> dict | None:
+def step_features(built: Built, inputs: dict, grid: int) -> dict | None:
     features = dict(inputs["features"])
     if built.teacher is not None:
         tokens = built.teacher(inputs["images"])  # [B, N, D], no grad
@@ -228,7 +221,7 @@ def count_costs(method: Method, resolution: int, *, backward: bool = True) -> di
     grid = sit.grid
     macs = MacCounter(backbone=sit, objective=objective, teacher=teacher)
     with macs, FlopCounterMode(display=False) as fwd:
-        features = _features(built, inputs, grid)
+        features = step_features(built, inputs, grid)
         teacher_attention = attention_flops(fwd) if teacher is not None else 0
         loss, _, _ = module(inputs["x0"], inputs["y"], inputs["t"], inputs["eps"], inputs["drop"], features)
     bwd_flops = None
@@ -252,244 +245,3 @@ def count_costs(method: Method, resolution: int, *, backward: bool = True) -> di
         "flopcounter_forward_gflops": fwd.get_total_flops() / 1e9,
         "flopcounter_fwd_bwd_gflops": (fwd.get_total_flops() + bwd_flops) / 1e9 if backward else None,
     }
-
-
-# ---------------------------------------------------------------------- timing
-def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """Mixed precision as the Trainer resolves it (auto: bf16 on CUDA, fp32 elsewhere)."""
-    mp = cfg.train.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if device.type == "cuda" else "no"
-    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
-
-
-class StepRunner:
-    """One method's real training step on a device, with its optimizer and EMA."""
-
-    def __init__(self, method: Method, batch: int, device: torch.device, resolution: int):
-        self.method, self.device, self.update_ema = method, device, update_ema
-        cfg = method.cfg
-        torch.manual_seed(cfg.train.seed)
-        with device:
-            self.built = build_method(method)
-        self.module = self.built.module
-        self.ema = copy.deepcopy(self.module.sit).requires_grad_(False).eval()
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                           weight_decay=cfg.train.weight_decay)
-        self.inputs = random_inputs(method, batch, device, resolution)
-        self.dtype = _autocast_dtype(cfg, device)
-        self.grid = self.module.sit.grid
-
-    def step(self) -> None:
-        cfg, i = self.method.cfg, self.inputs
-        amp = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
-        with amp:
-            features = _features(self.built, i, self.grid)
-            loss, _, _ = self.module(i["x0"], i["y"], i["t"], i["eps"], i["drop"], features)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.update_ema(self.ema, self.module.sit, cfg.train.ema_decay)
-
-    def timed(self, iters: int) -> float:
-        """Seconds per iteration over ``iters`` steps (device synchronised)."""
-        _sync(self.device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            self.step()
-        _sync(self.device)
-        return (time.perf_counter() - start) / iters
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _persistent_bytes(info: dict) -> int:
-    """fp32 weights + grads + AdamW moments + EMA of the backbone; the objective without EMA; the teacher."""
-    return 4 * (5 * info["backbone_params"] + 4 * info["extra_trainable_params"] + info["teacher_params"])
-
-
-def _available_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def measure_speed(methods: list[Method], *, batch: int, device: torch.device, resolution: int, warmup: int,
-                  rounds: int, iters: int, sequential: bool, log: Callable[[str], None] | None = None) -> None:
-    """Fill ``info["ms_per_iter"]``, ``"iters_per_s"``, ``"round_ms"`` and ``"peak_memory_bytes"`` of each method."""
-    cuda = device.type == "cuda"
-    log = log or (lambda line: print(line, flush=True))  # progress of a long run, visible at once
-
-    def start(method: Method) -> StepRunner:
-        base = torch.cuda.memory_allocated(device) if cuda else 0
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        runner = StepRunner(method, batch, device, resolution)
-        for _ in range(warmup):
-            runner.step()
-        # Steady-state peak: AdamW's moments exist after the first step; other methods are idle.
-        method.info["peak_memory_bytes"] = (torch.cuda.max_memory_allocated(device) - base) if cuda and warmup else None
-        return runner
-
-    def record(method: Method, seconds: list[float]) -> None:
-        ms = statistics.median(seconds) * 1e3
-        method.info.update(ms_per_iter=ms, iters_per_s=1e3 / ms, round_ms=[s * 1e3 for s in seconds])
-
-    if sequential:
-        for method in methods:
-            log(f"timing {method.label}: {warmup} warm-up + {rounds} x {iters} iterations at batch {batch}")
-            runner = start(method)
-            if cuda and not warmup:
-                torch.cuda.reset_peak_memory_stats(device)
-            seconds = []
-            for r in range(rounds):
-                seconds.append(runner.timed(iters))
-                log(f"round {r + 1}/{rounds}: {method.label} {seconds[-1] * 1e3:.1f} ms")
-            if cuda and not warmup:
-                method.info["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-            record(method, seconds)
-            del runner
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-        return
-    runners = []
-    for method in methods:
-        log(f"building {method.label} and warming up ({warmup} iterations at batch {batch})")
-        runners.append(start(method))
-    seconds: list[list[float]] = [[] for _ in methods]
-    for r in range(rounds):
-        for k, runner in enumerate(runners):  # A B A B ...: drifts of the machine hit every method alike
-            seconds[k].append(runner.timed(iters))
-        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{m.label} {s[-1] * 1e3:.1f} ms" for m, s in zip(methods, seconds)))
-    for method, s in zip(methods, seconds):
-        record(method, s)
-
-
-# ---------------------------------------------------------------------- report
-def _fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f}M"
-
-
-def _delta(value: float, base: float) -> str:
-    return "" if base == 0 or value == base else f" ({100 * (value / base - 1):+.0f}%)"
-
-
-def format_table(result: dict) -> str:
-    methods = result["methods"]
-    base = methods[0]
-    head = ["method", "backbone", "extra", "teacher", "GFLOPs (DiT)", "+attn", "fwd+bwd (FlopCounter)",
-            "it/s", "ms/it", "peak mem"]
-    rows = [head]
-    for m in methods:
-        timed = "iters_per_s" in m
-        peak = m.get("peak_memory_bytes")
-        rows.append([
-            m["method"], _fmt_params(m["backbone_params"]), _fmt_params(m["extra_trainable_params"]),
-            _fmt_params(m["teacher_params"]) if m["teacher_params"] else "-",
-            f"{m['gflops_dit']:.2f}{_delta(m['gflops_dit'], base['gflops_dit'])}",
-            f"{m['gflops_dit_with_attention']:.2f}",
-            f"{m['flopcounter_fwd_bwd_gflops']:.1f}",
-            f"{m['iters_per_s']:.3g}{_delta(m['iters_per_s'], base['iters_per_s'])}" if timed else "-",
-            f"{m['ms_per_iter']:.1f}" if timed else "-",
-            f"{peak / 2**30:.2f} GiB" if peak is not None else "n/a",
-        ])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines += [f"{m['method']}: teacher {m['teacher_model']} (the cost does not depend on the weights)"
-              for m in methods if m.get("teacher_model")]
-    note = (f"{result['model']} at {result['resolution']} px on {result['device']}; GFLOPs per image (DiT: forward "
-            "MACs of linear+conv, attention matmuls excluded, teacher included, VAE excluded; FlopCounter: 2 x MACs, "
-            "SDPA included, forward+backward)")
-    if result.get("timing"):
-        t = result["timing"]
-        note += (f"; speed at global batch {t['batch']} ({t['precision']}), median of {t['rounds']} rounds x "
-                 f"{t['iters']} iterations after {t['warmup']} warm-up, {t['order']}")
-    return "\n".join(lines + [note])
-
-
-def run_profile(args: argparse.Namespace) -> int:
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not names:
-        raise AhpaError("--methods is empty; pass e.g. --methods vanilla,ahpa")
-    for key in ("batch", "rounds", "iters"):
-        if getattr(args, key) < 1:
-            raise AhpaError(f"--{key} must be at least 1, got {getattr(args, key)}")
-    if args.warmup < 0:
-        raise AhpaError(f"--warmup must be non-negative, got {args.warmup}")
-    if args.out and Path(args.out).is_dir():
-        raise AhpaError(f"--out {args.out} is a directory; pass a file name such as profile.json")
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AhpaError(f"--device {args.device} but CUDA is not available here; drop --device or pass --device cpu")
-    methods = [load_method(name, args.model, args.resolution, args.overrides) for name in names]
-    seen: dict[str, int] = {}
-    for m in methods:  # "vanilla,vanilla" is an A/A check of the timing noise
-        seen[m.label] = seen.get(m.label, 0) + 1
-        if seen[m.label] > 1:
-            m.label = f"{m.label}#{seen[m.label]}"
-    for m in methods:
-        m.info = {"method": m.label, "config": m.config, "teacher": m.teacher, **count_costs(m, args.resolution)}
-    if not args.counts_only:
-        need = [_persistent_bytes(m.info) for m in methods]
-        free = _available_bytes(device)
-        total = max(need) if args.sequential else sum(need)
-        if free is not None and total > 0.9 * free:
-            raise AhpaError(f"the weights, gradients, AdamW moments and EMA of {'one method' if args.sequential else 'all methods at once'} "
-                            f"need about {total / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are free on {device}; "
-                            + ("profile fewer or smaller methods" if args.sequential else
-                               "pass --sequential (methods timed one after another, not alternated) or fewer methods"))
-        if device.type == "cuda" and methods[0].cfg.train.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        measure_speed(methods, batch=args.batch, device=device, resolution=args.resolution, warmup=args.warmup,
-                      rounds=args.rounds, iters=args.iters, sequential=args.sequential)
-    result = {
-        "model": args.model, "resolution": args.resolution,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "counts": "per image (batch 1), on the meta device",
-        "timing": None if args.counts_only else {
-            "batch": args.batch, "warmup": args.warmup, "rounds": args.rounds, "iters": args.iters,
-            "order": "sequential" if args.sequential else "alternating",
-            "precision": str(_autocast_dtype(methods[0].cfg, device) or "fp32").replace("torch.", ""),
-            "step": "TrainingModule forward + backward + grad clip + AdamW + EMA (teacher forward included)",
-        },
-        "methods": [m.info for m in methods],
-    }
-    print(format_table(result))
-    if args.out:
-        write_json_atomic(args.out, result, indent=2)
-        print(f"wrote {args.out}")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("profile", help="training cost per method: parameters, GFLOPs, it/s, memory (Table 6)")
-    p.add_argument("--model", default="SiT-XL/2", help="backbone, e.g. SiT-XL/2 (default), SiT-B/2")
-    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (default 256)")
-    p.add_argument("--methods", default="vanilla,ahpa",
-                   help="comma-separated: vanilla, ahpa, repa, sra2 (configs/sit-{b2,l2,xl2}-METHOD.yaml) or config YAML paths")
-    p.add_argument("--batch", type=int, default=32, help="global batch of the timed step on this device (default 32)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations per method first (default 3)")
-    p.add_argument("--rounds", type=int, default=5, help="timing rounds, alternating between methods (default 5)")
-    p.add_argument("--iters", type=int, default=10, help="iterations per method per round (default 10)")
-    p.add_argument("--sequential", action="store_true", help="time methods one after another (one in memory at a time)")
-    p.add_argument("--counts-only", action="store_true", help="parameters and GFLOPs only, no timing")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--out", help="write the results as JSON to this file")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every method's config")
-    p.set_defaults(func=run_profile)

@@ -119,7 +119,7 @@ class DINOv2Teacher(nn.Module):
 
     def __init__(self, name: str = "dinov2_vitb14", grid: int = 16, weights: str = "", input_size: int = 0):
         super().__init__()
-        import timm
+        import timm  # timm: slow to import, only a run with a DINOv2 teacher needs it
 
         _check_name(name)
         if grid < 1:
@@ -149,7 +149,7 @@ class DINOv2Teacher(nn.Module):
 
     def load_weights(self, state: dict[str, torch.Tensor], path: Path) -> None:
         """Load an official (``*_pretrain.pth``) or timm DINOv2 state dict (read from ``path``), resampling ``pos_embed``."""
-        from timm.models.vision_transformer import checkpoint_filter_fn
+        from timm.models.vision_transformer import checkpoint_filter_fn  # timm: slow to import (see __init__)
 
         own = self.model.state_dict()
         width = state.get("cls_token", state["pos_embed"]).shape[-1]

@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from torch import Tensor, nn
 
 from ahpa.errors import AhpaError
@@ -116,8 +117,6 @@ class CLIPTextEncoder(nn.Module):
 
 
 def _hub_snapshot(repo_id: str, probe: str = "config.json") -> Path | None:
-    from huggingface_hub import constants, try_to_load_from_cache
-
     found = try_to_load_from_cache(repo_id, probe, cache_dir=constants.HF_HUB_CACHE)
     return Path(found).parent if isinstance(found, str) else None
 
@@ -155,7 +154,7 @@ def load_clip_text_encoder(path: str = CLIP_L14, device: torch.device | str = "c
     """CLIP's text tower from a local directory, a cached HF repo id, or ``"random"`` (demo/tests)."""
     if path == RANDOM:
         return random_clip_text_encoder().to(device)
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer  # transformers: slow to import, only text-to-image needs it
 
     directory = resolve_local_model(path, "CLIP text encoder")
     try:
@@ -170,7 +169,7 @@ def load_clip_text_encoder(path: str = CLIP_L14, device: torch.device | str = "c
 @contextmanager
 def quiet_transformers():
     """No "Loading weights" progress bar from transformers' from_pretrained (it would garble one-line errors)."""
-    from transformers.utils import logging
+    from transformers.utils import logging  # transformers: slow to import, only text-to-image needs it
 
     was = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
@@ -217,7 +216,7 @@ def clip_bpe_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def offline_clip_tokenizer():
     """``transformers.CLIPTokenizer`` with CLIP's real vocabulary, built without any download."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # transformers: slow to import, only text-to-image needs it
 
     vocab, merges = clip_bpe_vocab()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MAX_TOKENS)
@@ -225,7 +224,7 @@ def offline_clip_tokenizer():
 
 def random_clip_text_encoder(seed: int = 0) -> CLIPTextEncoder:
     """A randomly initialised CLIP ViT-L/14 text model (seeded, deterministic) with CLIP's tokenizer."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel  # transformers: slow to import, only text-to-image needs it
 
     state = torch.random.get_rng_state()
     try:

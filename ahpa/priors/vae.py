@@ -22,12 +22,14 @@ float32 under float16 autocast (:mod:`ahpa.priors.hierarchy`).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import Encoder
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 
@@ -66,8 +68,6 @@ def load_vae(
 
 
 def _config(directory: Path) -> dict:
-    import json
-
     try:
         return json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -76,7 +76,7 @@ def _config(directory: Path) -> dict:
 
 def vae_class(directory: Path) -> type:
     """The diffusers class named by ``config.json`` (``_class_name``; default ``AutoencoderKL``)."""
-    import diffusers
+    import diffusers  # the whole package: the class is looked up by name (AutoencoderKL is imported above)
 
     name = _config(directory).get("_class_name", "AutoencoderKL")
     cls = getattr(diffusers, str(name), None)
@@ -88,8 +88,6 @@ def vae_class(directory: Path) -> type:
 
 def check_encoder(vae: torch.nn.Module, where: str = "the VAE") -> None:
     """Refuse autoencoders without diffusers' convolutional ``Encoder`` (the layers the priors hook)."""
-    from diffusers.models.autoencoders.vae import Encoder
-
     if not isinstance(getattr(vae, "encoder", None), Encoder) or not hasattr(vae, "encode"):
         raise AhpaError(f"{where} ({type(vae).__name__}) has no diffusers convolutional Encoder (conv_in, down_blocks, "
                         "mid_block) and encode(); hierarchical priors need one (App. B), e.g. AutoencoderKL")

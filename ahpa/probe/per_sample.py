@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from ahpa.errors import AhpaError
@@ -95,8 +97,6 @@ def _owner(module: nn.Module, name: str) -> tuple[str, nn.Module, str]:
 @contextlib.contextmanager
 def math_attention():
     """Scaled dot-product attention on the math kernel (see the module docstring)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel(SDPBackend.MATH):
         yield
 
@@ -153,8 +153,6 @@ def _loop(module, params, batch, n) -> GradStats:
 
 
 def _vmap(module, params, batch, n, chunk_size) -> GradStats:
-    from torch.func import functional_call, grad, vmap
-
     names = list(params)
     detached = {k: p.detach() for k, p in params.items()}
 

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from scipy import stats
 
 from ahpa.io import atomic_open, write_text_atomic
@@ -114,8 +115,6 @@ def results_markdown(study: Study, rows: list[dict]) -> str:
 
 
 def plot_metric_vs_steps(study: Study, rows: list[dict], path: Path) -> None:
-    from matplotlib.figure import Figure
-
     metric = primary_metrics(study)[0]
     fig = Figure(figsize=(5.5, 3.8))
     ax = fig.subplots()
