@@ -217,7 +217,7 @@ def build_source(cfg: Config, *, device, rank: int = 0, world: int = 1, per_rank
     return _cache_source(cfg, device, rank, world, per_rank)
 
 
-def _latent_normalisation(cfg: Config, vae: AutoencoderKL):
+def latent_normalisation(cfg: Config, vae: AutoencoderKL):
     """(scale, shift) of ``vae.*``: the config's scale or the VAE's, and the VAE's per-channel shift (SD3/FLUX)."""
     scale = cfg.vae.scaling_factor or vae_scaling_factor(vae)
     shift = vae_shift_factor(vae)
@@ -235,14 +235,14 @@ def _in_memory_source(cfg, device, rank, world, per_rank, images, labels) -> InM
     vae, latent_shape, grid, prior, teacher = _encoders(cfg, device)
     shapes = target_shapes(cfg, prior, latent_shape, grid, teacher.embed_dim if teacher is not None else None)
     return InMemorySource(cfg, device, rank, world, per_rank, images, labels, vae=vae, prior=prior, teacher=teacher,
-                          normalisation=_latent_normalisation(cfg, vae), group_shapes=shapes)
+                          normalisation=latent_normalisation(cfg, vae), group_shapes=shapes)
 
 
 def _image_source(cfg, device, rank, world, per_rank, dataset) -> ImageSource:
     vae, latent_shape, grid, prior, teacher = _encoders(cfg, device)
     shapes = target_shapes(cfg, prior, latent_shape, grid, teacher.embed_dim if teacher is not None else None)
     return ImageSource(cfg, device, rank, world, per_rank, dataset, vae=vae, prior=prior, teacher=teacher,
-                       normalisation=_latent_normalisation(cfg, vae), group_shapes=shapes, latent_shape=latent_shape)
+                       normalisation=latent_normalisation(cfg, vae), group_shapes=shapes, latent_shape=latent_shape)
 
 
 def _cache_source(cfg, device, rank, world, per_rank) -> CacheSource:
@@ -254,7 +254,7 @@ def _cache_source(cfg, device, rank, world, per_rank) -> CacheSource:
     prior = build_prior(cfg, vae, grid)
     shapes = target_shapes(cfg, prior, manifest["latent_shape"], grid,
                            manifest["features"][TEACHER_GROUP]["shape"][1] if TEACHER_GROUP in aligned_groups(cfg) else None)
-    normalisation = None if cfg.vae.latent_norm == "channel_stats" else _latent_normalisation(cfg, vae)
+    normalisation = None if cfg.vae.latent_norm == "channel_stats" else latent_normalisation(cfg, vae)
     return CacheSource(cfg, device, rank, world, per_rank, vae=vae, prior=prior, normalisation=normalisation,
                        group_shapes=shapes, features=bool(vae_groups(cfg)))
 

@@ -31,9 +31,10 @@ from ahpa.io import write_json_atomic
 from ahpa.router_plot import router_deviation
 from ahpa.train import Trainer
 
-# The training budget of each demo in minutes (the step cap is the YAML's train.steps); set-up, the two
-# sample grids and the caption metric come on top (docs/reliability.md "The demos").
+# The training budget of each demo in minutes and its step cap; set-up, the two sample grids and the caption
+# metric come on top (docs/reliability.md "The demos").  A train.max_minutes or train.steps override wins.
 BUDGET_MINUTES = {"class": 3.0, "t2i": 3.0}
+STEP_CAP = {"class": 5000, "t2i": 2000}
 PER_ROW = 8  # samples per caption row of the text-to-image grid (ahpa/train.py Trainer._grid_inputs)
 
 
@@ -45,6 +46,8 @@ def demo_config(out: str, method: str, overrides: list[str], task: str = "class"
         cfg.align.method = "vanilla"
     if not any(o.startswith("train.max_minutes=") for o in overrides):
         cfg.train.max_minutes = BUDGET_MINUTES[task] if minutes is None else minutes
+    if not any(o.startswith("train.steps=") for o in overrides):
+        cfg.train.steps = STEP_CAP[task]
     return cfg
 
 

@@ -142,6 +142,7 @@ def test_irepa_spatial_normalisation_and_latent_target():
 # ------------------------------------------------------------------------- training
 @pytest.mark.parametrize("name, groups", [("toy-vanilla.yaml", None), ("toy-sra2.yaml", ["latent"]), ("toy-repa.yaml", ["dinov2"]),
                                           ("toy.yaml", ["G3", "G4"])])
+@pytest.mark.slow
 def test_one_training_step_of_each_table3_method(small_toy, tmp_path, capsys, name, groups):
     from ahpa.train import Trainer
 
@@ -160,6 +161,7 @@ def test_one_training_step_of_each_table3_method(small_toy, tmp_path, capsys, na
     assert ("RANDOMLY INITIALISED" in said) == (name == "toy-repa.yaml")
 
 
+@pytest.mark.slow
 def test_a_repa_checkpoint_continues_training_with_its_projector(small_toy, tmp_path):
     """REPA's layout (their SiT keys + projectors.0.*, AdamW state, args, steps) resumes REPA training."""
     from ahpa.models.sit import build_sit

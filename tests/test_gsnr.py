@@ -202,6 +202,7 @@ def test_cli_bad_inputs_one_line_nothing_written(tmp_path, small_toy, capsys, ar
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_vae_swap_refuses_unfitting_groups_and_accepts_fitting(tmp_path, small_toy, capsys):
     from diffusers import AutoencoderKL
 
@@ -225,6 +226,7 @@ def test_cli_vae_swap_refuses_unfitting_groups_and_accepts_fitting(tmp_path, sma
     assert swap["records"][0]["gsnr"] != pytest.approx(own["records"][0]["gsnr"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_training_gsnr_is_logged_and_leaves_training_unchanged(tmp_path, small_toy):
     from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

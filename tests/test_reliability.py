@@ -125,6 +125,7 @@ def test_sample_directory_is_bound_to_the_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------------- 3. run-directory lock
+@pytest.mark.slow
 def test_second_process_on_a_locked_directory_is_refused_and_a_stale_lock_is_taken_over(capsys, tmp_path, two_step_run):
     out = tmp_path / "run"
     holder = RunLock(out, "ahpa train").acquire()  # another open file description: flock conflicts as between processes
@@ -201,6 +202,7 @@ def test_nan_step_in_the_training_loop_changes_nothing_and_is_counted(two_step_r
     assert state["nonfinite_skipped"] == 1 and state["history"][-1]["nonfinite_skipped"] == 1
 
 
+@pytest.mark.slow
 def test_too_many_nonfinite_steps_stop_the_run_without_saving(capsys, tmp_path, monkeypatch):
     import ahpa.step
 
@@ -279,6 +281,7 @@ def test_sampling_refuses_nonfinite_weights(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------------- 5. overrides on resume
+@pytest.mark.slow
 def test_resume_applies_the_optimizer_settings_and_records_them(two_step_run, tmp_path):
     run = copy_run(two_step_run, tmp_path / "run")
     trainer = Trainer(toy_cfg(run, "train.steps=3", "train.lr=1e-3", "train.betas=[0.8,0.99]"), show_progress=False)
@@ -333,6 +336,7 @@ def test_damaged_latest_checkpoint_falls_back_with_one_line(two_step_run, module
     assert len(lines) == 1 and "0000002" in lines[0] and "resuming from" in lines[0]
 
 
+@pytest.mark.slow
 def test_trainer_resumes_from_the_previous_checkpoint_and_old_ones_load_unverified(two_step_run, tmp_path, capsys):
     run = copy_run(two_step_run, tmp_path / "run")
     _flip(run / "checkpoints" / "0000002" / "ema.safetensors")
@@ -512,6 +516,7 @@ def test_offline_inception_lookup_says_once_what_it_looks_for(tmp_path, monkeypa
     assert err.count(inception.WEIGHTS_FILE) == 1 and "Downloading" not in err and "http" not in err
 
 
+@pytest.mark.slow
 def test_full_disk_while_writing_is_one_line(capsys, tmp_path, evaluate_inputs, monkeypatch):
     from ahpa.evaluation import command
 

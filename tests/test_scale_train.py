@@ -93,6 +93,7 @@ def test_activation_checkpointing_keeps_losses_hidden_states_and_gradients():
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_equal_one_process(tmp_path):
     """Resume a 1-process DDP-format checkpoint under FSDP2 with 2 gloo processes, train 2 more steps:
     the same weights, EMA and objective as 1 process training all 3 (sharded load, step, EMA, gather, save)."""

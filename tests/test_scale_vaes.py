@@ -127,12 +127,13 @@ def test_sdxl_float16_is_upcast_and_fp16_fix_is_not(tmp_path):
 
 
 def test_batch_source_uses_the_vae_shift(tmp_path):
-    from ahpa.data.batches import BatchSource
+    from ahpa.build import latent_normalisation
     from ahpa.config import Config
+    from ahpa.data.batches import BatchSource
 
-    source = BatchSource(Config(), "cpu", 0, 1, 1)
-    source.vae = small("flux")
-    source._set_scale_from_vae()
+    vae = small("flux")
+    prior = HierarchicalVAEPrior(vae, groups=(), grid=2)
+    source = BatchSource(Config(), "cpu", 0, 1, 1, vae=vae, prior=prior, normalisation=latent_normalisation(Config(), vae))
     assert source.latent_scale_scalar == pytest.approx(0.3611)
     assert source.latent_shift_list == pytest.approx([0.1159] * 16)  # recorded in the checkpoint meta
 

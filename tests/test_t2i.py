@@ -155,6 +155,7 @@ OBJECTIVES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(OBJECTIVES))
 def test_one_training_step_of_each_objective_on_mmdit(tmp_path, tiny_clip, small_toy, monkeypatch, capsys, method):
     extra, groups = OBJECTIVES[method]
@@ -187,6 +188,7 @@ def test_one_training_step_of_each_objective_on_mmdit(tmp_path, tiny_clip, small
         assert len(prompts) == 10 and prompts[0] == "a thin zero" and (tmp_path / method / "samples_step0.png").is_file()
 
 
+@pytest.mark.slow
 def test_t2i_resume_is_exact(tmp_path, tiny_clip, small_toy, no_grids):
     """Captions are drawn from the step's generator: 2 steps == 1 + resume + 1, bit for bit."""
     Trainer(_t2i_cfg(tmp_path / "full", tiny_clip, "train.steps=2"), show_progress=False).run()

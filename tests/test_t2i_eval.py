@@ -79,6 +79,7 @@ def test_coco_reference_statistics_equal_direct(tmp_path):
     assert again[2] == entry and (entry / "stats.npz").is_file()  # built once, then read from the cache
 
 
+@pytest.mark.slow
 def test_t2i_sample_carries_prompts_and_pickscore_reads_them(tmp_path, tiny_clip, small_toy, no_grids, tiny_pickscore, capsys):
     from ahpa.train import Trainer
 

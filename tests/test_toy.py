@@ -127,6 +127,7 @@ def test_committed_vae_quality(committed_vae):
     assert committed_vae.config.scaling_factor == pytest.approx(record["scaling_factor"])
 
 
+@pytest.mark.slow
 def test_train_two_steps_is_loadable_and_far_worse(tmp_path, committed_vae):
     record = train_tiny_vae(tmp_path / "vae", steps=2, batch=4, lr=1e-3, seed=1, kl_weight=1e-3, warmup=1, progress=False)
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae", torch_dtype=torch.float32)

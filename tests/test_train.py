@@ -39,6 +39,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ahpa", "vanilla"])
 def test_resume_is_exact(tmp_path, method):
     """N steps in one run == N/2 steps, a new process-like Trainer that resumes, N/2 more."""
@@ -73,6 +74,7 @@ def test_checkpoint_outputs_and_router_plot(tmp_path):
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     Trainer(toy_cfg(tmp_path, "train.steps=2"), show_progress=False).run()
     good = latest_checkpoint(tmp_path)
@@ -110,12 +112,14 @@ def test_ema_update_closed_form():
         torch.testing.assert_close(e1, 0.9 * e0 + 0.1 * p.detach())
 
 
+@pytest.mark.slow
 def test_resume_with_other_architecture_is_refused(tmp_path):
     Trainer(toy_cfg(tmp_path, "train.steps=1"), show_progress=False).run()
     with pytest.raises(AhpaError, match="align.router"):
         Trainer(toy_cfg(tmp_path, "train.steps=2", "align.router=lut"), show_progress=False)
 
 
+@pytest.mark.slow
 def test_batch_larger_than_the_dataset_is_refused(tmp_path):
     with pytest.raises(AhpaError, match="fewer than train.global_batch"):
         Trainer(toy_cfg(tmp_path, "train.global_batch=100000", "train.steps=1"), show_progress=False)
@@ -127,6 +131,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """Two gloo processes with global batch 8 (4 each) give the update of one process with batch 8."""
     args = ["train.steps=2", "align.router=dynamic"]
@@ -148,6 +153,7 @@ def test_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_wandb_without_the_package_is_a_clear_error(tmp_path):
     try:
         import wandb  # noqa: F401
@@ -159,6 +165,7 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path):
     assert not (tmp_path / "checkpoints").exists()  # nothing trained, nothing written
 
 
+@pytest.mark.slow
 def test_no_resume_refuses_a_directory_with_checkpoints(tmp_path):
     Trainer(toy_cfg(tmp_path, "train.steps=1"), show_progress=False).run()
     with pytest.raises(AhpaError, match="already holds checkpoints"):

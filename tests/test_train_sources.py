@@ -125,6 +125,23 @@ def test_demo_writes_its_outputs(tmp_path):
     # the demo's default really is AHPA on the toy set, and --method vanilla switches alignment off
     assert demo_config(str(out), "ahpa", []).align.method == "ahpa"
     assert demo_config(str(out), "vanilla", []).align.method == "vanilla"
+    assert metrics["stop_reason"].startswith("trained 3 steps") and "reached the step cap train.steps=3" in metrics["stop_reason"]
+
+
+def test_demo_trains_to_its_budget_with_a_step_cap(tmp_path, capsys):
+    """The demo's defaults: the time budget and the step cap of ahpa/demo.py; an override of either wins;
+    a run stopped by the budget says so and how far it got."""
+    from ahpa.demo import BUDGET_MINUTES, STEP_CAP, stop_reason
+
+    cfg = demo_config(str(tmp_path), "ahpa", [])
+    assert (cfg.train.max_minutes, cfg.train.steps) == (BUDGET_MINUTES["class"], STEP_CAP["class"])
+    t2i = demo_config(str(tmp_path), "ahpa", [], task="t2i", minutes=1.5)
+    assert (t2i.train.max_minutes, t2i.train.steps) == (1.5, STEP_CAP["t2i"])
+    mine = demo_config(str(tmp_path), "ahpa", ["train.max_minutes=0.5", "train.steps=7"], minutes=9)
+    assert (mine.train.max_minutes, mine.train.steps) == (0.5, 7)
+    line = stop_reason({"steps": 1234, "stopped_early": True, "train_seconds": 180.2}, cfg, start_step=1000)
+    assert line.startswith("trained 234 steps (to step 1234 of the cap train.steps=5000) in 180 s")
+    assert "time budget train.max_minutes=3" in line and "rerun" in line
 
 
 def test_latent_normalisation_round_trip():
