@@ -403,3 +403,15 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str) -> dict
     if not isinstance(data, dict):
         raise AhpaError(f"{what} '{path}' must be a mapping ({expected}), got {type(data).__name__}")
     return data
+
+
+def state_sha256(module: torch.nn.Module, header: str = "{key}:{dtype}:{shape}") -> str:
+    """sha256 of a module's state: for each tensor in name order, ``header`` (its name, dtype and shape) and its
+    bytes.  The teachers' cache manifests use the default header and ``ahpa sample`` ``"{key}|{dtype}|{shape}|"``,
+    each as first written, so that existing caches and sample directories keep their identity."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(header.format(key=key, dtype=t.dtype, shape=tuple(t.shape)).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

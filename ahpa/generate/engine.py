@@ -14,7 +14,6 @@ rerun with other settings or another checkpoint is refused, so one ``.npz`` neve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from ahpa.errors import AhpaError
 from ahpa.evaluation.npz import save_npz_atomic, to_uint8
 from ahpa.generate.conditions import ClassCondition, Condition
-from ahpa.io import RunLock, atomic_open, check_output_dir, lock_on_main_rank, remove_temps_in, write_json_atomic
+from ahpa.io import RunLock, atomic_open, check_output_dir, lock_on_main_rank, remove_temps_in, state_sha256, write_json_atomic
 from ahpa.priors.base import denormalize_latent
 from ahpa.sampling import noise_for_indices, sample, sde_seeds
 from ahpa.sampling_speed import check_speed_options, manifest_entries, speed_wrapped
@@ -77,12 +76,7 @@ def written_indices(parts_dir: Path) -> set[int]:
 
 def weights_digest(model: nn.Module) -> str:
     """sha256 of a model's state (names, dtypes, shapes, bytes): the identity samples are bound to."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+    return state_sha256(model, header="{key}|{dtype}|{shape}|")
 
 
 def check_sampler_arguments(num: int, batch: int, sampler_kwargs: dict, seed: int = 0) -> None:

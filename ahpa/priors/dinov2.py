@@ -28,7 +28,6 @@ Facts followed (``docs/baselines.md``, REPA ``utils.py`` L53-101, ``train.py`` L
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from torch import nn
 
 from ahpa.config import TEACHER_GROUP
 from ahpa.errors import AhpaError
+from ahpa.io import state_sha256
 
 PATCH = 14
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -172,12 +172,7 @@ class DINOv2Teacher(nn.Module):
 
     def describe(self) -> dict:
         """What determines the teacher features (for feature-cache manifests)."""
-        digest = hashlib.sha256()
-        for key, tensor in sorted(self.model.state_dict().items()):
-            t = tensor.detach().cpu().contiguous()
-            digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return {"model": self.name, "weights_hash": digest.hexdigest(), "input_size": self.input_size, "grid": self.grid,
+        return {"model": self.name, "weights_hash": state_sha256(self.model), "input_size": self.input_size, "grid": self.grid,
                 "embed_dim": self.embed_dim, "preprocess": "repa"}
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,6 @@ be registered.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +37,7 @@ from ahpa.errors import AhpaError
 # Upward import, on purpose: the teacher IS the evaluator's network (the same file, loader and resize), so
 # the prior reads it from ahpa.evaluation instead of keeping a second copy of the Inception loader.
 from ahpa.evaluation import inception as ev
+from ahpa.io import state_sha256
 
 INPUT_SIZE = 299  # the evaluator's resize target (torch-fidelity's INPUT_IMAGE_SIZE)
 # The network's modules in forward order (torch-fidelity's FeatureExtractorInceptionV3.forward)
@@ -110,12 +109,7 @@ class InceptionTeacher(nn.Module):
 
     def describe(self) -> dict:
         """What determines the teacher features (for feature-cache manifests)."""
-        digest = hashlib.sha256()
-        for key, tensor in sorted(self.blocks.state_dict().items()):
-            t = tensor.detach().cpu().contiguous()
-            digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return {"model": "inception-v3-2015-12-05", "layer": self.layer, "weights_hash": digest.hexdigest(),
+        return {"model": "inception-v3-2015-12-05", "layer": self.layer, "weights_hash": state_sha256(self.blocks),
                 "weights_id": self.weights_id, "input_size": INPUT_SIZE, "grid": self.grid, "embed_dim": self.embed_dim,
                 "pool": "adaptive_avg", "quantize": self.quantize, "preprocess": "torch-fidelity (tf1 bilinear 299, (x-128)/128)"}
 
