@@ -32,7 +32,7 @@ _PUBLISHED_LATENTS = dict(vae="stabilityai/sd-vae-ft-ema", scaling_factor=0.1821
                           latent_scale=None)
 
 
-def _strip_prefixes(key: str) -> str:
+def strip_prefixes(key: str) -> str:
     while key.startswith(_WRAPPER_PREFIXES):
         key = key.split(".", 1)[1]
     return key
@@ -55,7 +55,7 @@ def convert_state_dict(sd: Mapping) -> dict[str, Tensor]:
     ``_orig_mod.`` prefixes, drops REPA's ``projectors.*`` and renumbers REPA's legacy
     ``decoder_blocks.i`` as ``blocks.(encoder_depth + i)``.
     """
-    state = {_strip_prefixes(k): v for k, v in _unwrap(sd).items() if isinstance(v, Tensor)}
+    state = {strip_prefixes(k): v for k, v in _unwrap(sd).items() if isinstance(v, Tensor)}
     state = {k: v for k, v in state.items() if not k.startswith("projectors.")}
     encoder_depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
 
@@ -121,7 +121,7 @@ def _check_shapes(model: SiT, state: Mapping[str, Tensor], arch: dict, source: P
 _WHAT_TO_PASS = "pass a run directory, RUN/checkpoints/<step>/, its ema.safetensors, or a published SiT/REPA .pt"  # as ahpa.runs says
 
 
-def _torch_load(path: Path) -> Mapping:
+def torch_load(path: Path) -> Mapping:
     with open(path, "rb") as f:
         head = f.read(2)
     if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
@@ -140,7 +140,7 @@ def _torch_load(path: Path) -> Mapping:
 def save_ema_safetensors(model: nn.Module, path: str | os.PathLike, meta: dict) -> None:
     """Write ``model``'s weights (plain SiT keys) and ``meta`` as json to ``path``, atomically."""
     path = Path(path)
-    state = {_strip_prefixes(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {strip_prefixes(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {META_KEY: json.dumps(meta, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=metadata)
@@ -161,8 +161,8 @@ def load_published_or_ahpa_sit(path: Path, meta: dict, model_name: str | None = 
         except (SafetensorError, OSError) as e:
             raise AhpaError(f"cannot read safetensors file '{path}' ({e}): it is not a safetensors checkpoint or it is truncated; {_WHAT_TO_PASS}") from None
     else:
-        raw = _unwrap(_torch_load(path))
-        is_repa = any(_strip_prefixes(k).startswith("projectors.") for k in raw)
+        raw = _unwrap(torch_load(path))
+        is_repa = any(strip_prefixes(k).startswith("projectors.") for k in raw)
         meta = dict(_PUBLISHED_LATENTS, time_convention="repa" if is_repa else "sit")
     state = convert_state_dict(raw)
     arch = infer_architecture(state)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ahpa.errors import AhpaError
-from ahpa.models.checkpoints import _strip_prefixes, _torch_load, convert_state_dict
+from ahpa.models.checkpoints import convert_state_dict, strip_prefixes, torch_load
 
 _PROJECTOR = re.compile(r"^projectors\.(\d+)\.(\d+)\.(weight|bias)$")
 
@@ -32,13 +32,13 @@ def read_repa_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise AhpaError(f"train.init_from='{path}' does not exist; pass a REPA training checkpoint (e.g. exps/NAME/checkpoints/0400000.pt)")
-    ckpt = _torch_load(path)
+    ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model", ckpt.get("ema")), dict):
         raise AhpaError(f"'{path}' is not a REPA training checkpoint (no 'model' or 'ema' state dict)")
     out = dict(ckpt)
     for key in ("model", "ema"):
         if isinstance(ckpt.get(key), dict):
-            out[key] = {_strip_prefixes(k): v for k, v in ckpt[key].items()}
+            out[key] = {strip_prefixes(k): v for k, v in ckpt[key].items()}
     if not any(_PROJECTOR.match(k) for k in out.get("model", out.get("ema"))):
         raise AhpaError(f"'{path}' has no REPA projector ('projectors.0.*'); it is a plain SiT checkpoint: sample from it with `ahpa sample`, "
                         "or train without train.init_from")

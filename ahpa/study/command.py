@@ -16,7 +16,7 @@ from ahpa.errors import AhpaError
 from ahpa.io import write_text_atomic
 from ahpa.study.results import collect, write_results
 from ahpa.study.runner import run_one
-from ahpa.study.schema import STUDY_PRESETS, Study, _run_overrides, _step_dir, eval_paths, list_presets, load_study, run_name
+from ahpa.study.schema import STUDY_PRESETS, Study, eval_paths, list_presets, load_study, run_name, run_overrides, step_dir
 
 
 # ---------------------------------------------------------------------- commands
@@ -34,11 +34,11 @@ def print_commands(study: Study, out: Path, study_arg: list[str]) -> str:
     for method, seed in study.runs():
         name = run_name(method, seed)
         lines += ["", f"# {name}"]
-        extra = study.overrides + method.overrides + _run_overrides(study, out, method, seed, study.milestones[-1])
+        extra = study.overrides + method.overrides + run_overrides(study, out, method, seed, study.milestones[-1])
         lines.append("accelerate launch -m ahpa.cli train --config " + q(rel(method.config)) + " " + " ".join(q(o) for o in extra))
         for step in study.milestones:
             sample_dir, metrics_path, _ = eval_paths(out, method, seed, step)
-            ckpt = out / "runs" / name / "checkpoints" / _step_dir(step)
+            ckpt = out / "runs" / name / "checkpoints" / step_dir(step)
             lines.append(f"accelerate launch -m ahpa.cli sample --ckpt {q(str(ckpt))} --out {q(str(sample_dir))} --num {study.samples} "
                          f"--batch {study.sample_batch} --mode {s['mode']} --method {s['method']} --steps {s['steps']} "
                          f"--cfg-scale {s['cfg_scale']} --guidance-low {s['guidance_low']} --guidance-high {s['guidance_high']} --seed {study.sample_seed}")

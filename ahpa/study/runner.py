@@ -15,10 +15,10 @@ from ahpa.errors import AhpaError
 from ahpa.evaluation.command import evaluate
 from ahpa.evaluation.digits import digits_metrics
 from ahpa.generate.engine import generate_samples, samples_path, vae_decoder
-from ahpa.priors.vae import load_vae
 from ahpa.io import atomic_open, write_json_atomic
+from ahpa.priors.vae import load_vae
 from ahpa.runs import load_backbone, load_objective
-from ahpa.study.schema import Method, Study, _step_dir, eval_paths, primary_metrics, run_config, run_name
+from ahpa.study.schema import Method, Study, eval_paths, primary_metrics, run_config, run_name, step_dir
 from ahpa.train import Trainer
 
 # ---------------------------------------------------------------------- one run
@@ -27,7 +27,7 @@ ROUTER_T = (0.1, 0.5, 0.9)  # t at which the router's group weights are recorded
 def train_to(study: Study, method: Method, seed: int, out: Path, step: int, log=print) -> Path:
     """Train (or resume) the run up to ``step``; return the checkpoint of that step."""
     run_dir = out / "runs" / run_name(method, seed)
-    ckpt = run_dir / "checkpoints" / _step_dir(step)
+    ckpt = run_dir / "checkpoints" / step_dir(step)
     if (ckpt / "state.json").is_file():
         return ckpt
     latest = latest_checkpoint(run_dir)
@@ -130,7 +130,7 @@ def run_one(study: Study, method: Method, seed: int, out: Path, log=print) -> li
             log(f"[study] {run_name(method, seed)}: sampling {study.samples} and evaluating at step {step}")
             metrics = sample_and_evaluate(study, ckpt, sample_dir, metrics_path)
         if seed == study.seeds[0]:
-            save_grid(samples_path(sample_dir, study.samples), out / "grids" / method.name / f"{_step_dir(step)}.png")
+            save_grid(samples_path(sample_dir, study.samples), out / "grids" / method.name / f"{step_dir(step)}.png")
         row = milestone_record(study, method, seed, step, ckpt, metrics)
         write_json_atomic(record_path, row, indent=2)
         log(f"[study] {run_name(method, seed)} step {step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in primary_metrics(study) if row.get(k) is not None))

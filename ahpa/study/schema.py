@@ -161,25 +161,25 @@ def list_presets() -> list[str]:
 
 # ---------------------------------------------------------------------- the layout of OUT
 def run_config(study: Study, method: Method, seed: int, out: Path, steps: int) -> Config:
-    cfg = load_config(method.config, study.overrides + method.overrides + _run_overrides(study, out, method, seed, steps))
+    cfg = load_config(method.config, study.overrides + method.overrides + run_overrides(study, out, method, seed, steps))
     return cfg
 
 
-def _run_overrides(study: Study, out: Path, method: Method, seed: int, steps: int) -> list[str]:
+def run_overrides(study: Study, out: Path, method: Method, seed: int, steps: int) -> list[str]:
     every = study.ckpt_every
     return [f"train.out={out / 'runs' / run_name(method, seed)}", f"train.seed={seed}", f"train.steps={steps}",
             f"train.ckpt_every={every}", f"train.keep_last={study.milestones[-1] // every + 1}", "train.max_minutes=0"]
 
 
-def _step_dir(step: int) -> str:
+def step_dir(step: int) -> str:
     return step_dir_name(step)
 
 
 def eval_paths(out: Path, method: Method, seed: int, step: int) -> tuple[Path, Path, Path]:
     """(sampling dir, metrics json, record json) of one milestone."""
     name = run_name(method, seed)
-    base = out / "evals" / name / _step_dir(step)
-    return out / "samples" / name / _step_dir(step), base.with_suffix(".metrics.json"), base.with_suffix(".json")
+    base = out / "evals" / name / step_dir(step)
+    return out / "samples" / name / step_dir(step), base.with_suffix(".metrics.json"), base.with_suffix(".json")
 
 
 def primary_metrics(study: Study) -> list[str]:
