@@ -148,3 +148,25 @@ def test_study_killed_during_training_and_evaluation_resumes_to_the_same_results
         assert (whole / name).is_file()
     md = (whole / "results.md").read_text()
     assert "| ahpa |" in md and "4 steps" in md and "## Router at 4 steps" in md
+
+
+def test_paired_differences_are_per_seed_and_excluding_zero_is_marked():
+    from types import SimpleNamespace
+
+    from ahpa.study.results import paired_differences, results_markdown
+
+    rows = [{"method": m, "seed": s, "step": 10, "cfid": v, "accuracy": 0.5, "num_samples": 4}
+            for m, vals in (("vanilla", (6.0, 6.5, 5.8)), ("control", (4.9, 5.2, 4.6))) for s, v in zip((0, 1, 2), vals)]
+    rows.append({"method": "control", "seed": 7, "step": 10, "cfid": 0.0, "accuracy": 0.5, "num_samples": 4})  # unpaired
+    mean, half, n = paired_differences(rows, "control", "vanilla", "cfid", 10)
+    d = [-1.1, -1.3, -1.2]  # per seed, by hand
+    assert n == 3 and mean == pytest.approx(sum(d) / 3)
+    assert (mean, half, n) == pytest.approx(mean_interval(d))
+    study = SimpleNamespace(name="t", description="", seeds=[0, 1, 2], samples=4, milestones=[10], skipped=[],
+                            sampler={"mode": "ode", "method": "euler", "steps": 10, "cfg_scale": 1.0},
+                            reference={"kind": "digits", "split": "train"},
+                            methods=[SimpleNamespace(name="vanilla"), SimpleNamespace(name="control")])
+    study.runs = lambda: [(m, s) for s in study.seeds for m in study.methods]
+    md = results_markdown(study, rows)
+    assert "## Per-seed difference from vanilla" in md and "| control | -1.200 ± 0.248 (n=3) * |" in md
+    assert "| control | +0.000 ± 0.000 (n=3) |" in md  # accuracy: no difference, not marked

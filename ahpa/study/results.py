@@ -71,6 +71,37 @@ def _cell(values, digits: int = 3) -> str:
     return text + (f" ± {half:.{digits}f}" if n > 1 else "") + (f" (n={n})" if n != 1 or len(values) != n else "")
 
 
+def paired_differences(rows: list[dict], method: str, baseline: str, metric: str, step: int) -> tuple[float, float, int]:
+    """(mean, 95% Student-t half-width, n) of the per-seed difference ``method - baseline`` of ``metric`` at ``step``,
+    over the seeds both have: the paired comparison a study of few seeds needs (issue 21)."""
+    def by_seed(name):
+        return {r["seed"]: r.get(metric) for r in rows if r["method"] == name and r["step"] == step and r.get(metric) is not None}
+    mine, base = by_seed(method), by_seed(baseline)
+    return mean_interval([mine[s] - base[s] for s in sorted(set(mine) & set(base))])
+
+
+def _paired_section(study: Study, rows: list[dict]) -> list[str]:
+    """Per-seed differences from the first method, for studies with two seeds or more."""
+    if len(study.seeds) < 2 or len(study.methods) < 2:
+        return []
+    base = study.methods[0].name
+    lines = [f"## Per-seed difference from {base}", "",
+             f"Mean ± 95% Student-t half-width of (method - {base}) over the seeds both have; an interval that excludes 0 "
+             "separates the method from the baseline at that milestone.", ""]
+    for metric in primary_metrics(study):
+        lines += [f"### {metric}", "", "| method | " + " | ".join(f"{m:,} steps" for m in study.milestones) + " |",
+                  "|---|" + "---|" * len(study.milestones)]
+        for method in study.methods[1:]:
+            cells = []
+            for step in study.milestones:
+                mean, half, n = paired_differences(rows, method.name, base, metric, step)
+                cells.append("—" if n == 0 else f"{mean:+.3f}" + (f" ± {half:.3f}" if n > 1 else "") + f" (n={n})"
+                             + (" *" if n > 1 and abs(mean) > half else ""))
+            lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines + ["`*`: the interval excludes 0.", ""]
+
+
 def results_markdown(study: Study, rows: list[dict]) -> str:
     lines = [f"# Study `{study.name}`", ""]
     if study.description:
@@ -107,6 +138,7 @@ def results_markdown(study: Study, rows: list[dict]) -> str:
             if any(k in r for r in group for k in router_keys):
                 lines.append(f"| {method.name} | " + " | ".join(_cell([r.get(k) for r in group], 2) for k in router_keys) + " |")
         lines.append("")
+    lines += _paired_section(study, rows)
     missing = [f"{m.name} seed {s}" for m, s in study.runs() if not any(r["method"] == m.name and r["seed"] == s and r["step"] == study.milestones[-1] for r in rows)]
     notes = [f"- {m.name}: {m.note}" for m in study.skipped] + ([f"- unfinished runs: {', '.join(missing)} (rerun the study to continue)"] if missing else [])
     if notes:
