@@ -29,13 +29,12 @@ from ahpa.data.coco import DIGIT_NAMES, WEIGHTS, load_captioned_toy, toy_caption
 from ahpa.errors import AhpaError
 from ahpa.io import write_json_atomic
 from ahpa.router_plot import router_deviation
-from ahpa.train import Trainer
+from ahpa.train import GRID_PER_ROW, Trainer
 
 # The training budget of each demo in minutes and its step cap; set-up, the two sample grids and the caption
 # metric come on top (docs/reliability.md "The demos").  A train.max_minutes or train.steps override wins.
 BUDGET_MINUTES = {"class": 3.0, "t2i": 3.0}
 STEP_CAP = {"class": 5000, "t2i": 2000}
-PER_ROW = 8  # samples per caption row of the text-to-image grid (ahpa/train.py Trainer._grid_inputs)
 
 
 def demo_config(out: str, method: str, overrides: list[str], task: str = "class", minutes: float | None = None) -> Config:
@@ -114,11 +113,11 @@ def train_classifier(resolution: int):
 
 
 def grid_cells(png: Path, resolution: int, rows: int) -> np.ndarray:
-    """The cells of a torchvision grid (padding 1, ``PER_ROW`` per row) as grey uint8 [rows * PER_ROW, R, R]."""
+    """The cells of a torchvision grid (padding 1, ``GRID_PER_ROW`` per row) as grey uint8 [rows * GRID_PER_ROW, R, R]."""
     arr = np.asarray(Image.open(png).convert("RGB"), dtype=np.uint8).mean(axis=2)
     step = resolution + 1
     cells = [arr[1 + r * step : 1 + r * step + resolution, 1 + c * step : 1 + c * step + resolution]
-             for r in range(rows) for c in range(PER_ROW)]
+             for r in range(rows) for c in range(GRID_PER_ROW)]
     return np.stack(cells).round().astype(np.uint8)
 
 
@@ -131,7 +130,7 @@ def caption_class(prompt: str) -> int:
 
 def grid_following(clf, png: Path, resolution: int) -> dict:
     prompts = png.with_suffix(".txt").read_text().splitlines()
-    target = np.repeat([caption_class(p) for p in prompts], PER_ROW)
+    target = np.repeat([caption_class(p) for p in prompts], GRID_PER_ROW)
     pred = clf.predict(_features(grid_cells(png, resolution, len(prompts))))
     return {"class": float((pred == target).mean()), "digit": float((pred // 2 == target // 2).mean()),
             "weight": float((pred % 2 == target % 2).mean())}

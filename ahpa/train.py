@@ -44,7 +44,9 @@ from ahpa.probe.gsnr import training_gsnr
 from ahpa.resume import apply_optimizer_settings, check_resume_config
 from ahpa.router_plot import plot_router
 from ahpa.sampling import noise_for_indices, sample
-from ahpa.step import TrainingModule, optimizer_param_groups, rank_slice, update_ema
+from ahpa.training_module import TrainingModule, optimizer_param_groups, rank_slice, update_ema
+
+GRID_PER_ROW = 8  # samples per class (or caption) row of the training sample grids
 
 
 def _save_grid(images: torch.Tensor, nrow: int, path: Path) -> None:
@@ -218,11 +220,11 @@ class Trainer:
         if self.text:  # one row per caption (its fixed text context), 8 samples each
             rows = self.source.grid_captions(10)
             self.grid_prompts = [self.source.captions[r] for r in rows]
-            contexts = self.source.embed_rows(torch.tensor(rows), "cpu").repeat_interleave(8, dim=0)
+            contexts = self.source.embed_rows(torch.tensor(rows), "cpu").repeat_interleave(GRID_PER_ROW, dim=0)
             noise = noise_for_indices(range(len(contexts)), seed=self.cfg.train.seed, shape=tuple(self.source.latent_shape), device="cpu")
-            return noise, contexts, 8
+            return noise, contexts, GRID_PER_ROW
         classes = min(self.source.num_classes, 10)
-        per_class = 8
+        per_class = GRID_PER_ROW
         labels = torch.arange(classes).repeat_interleave(per_class)
         noise = noise_for_indices(range(len(labels)), seed=self.cfg.train.seed, shape=tuple(self.source.latent_shape), device="cpu")
         return noise, labels, per_class

@@ -25,7 +25,7 @@ import torch
 
 from ahpa.models.sit import build_sit
 from ahpa.nonfinite import NonFiniteGuard
-from ahpa.step import update_ema
+from ahpa.training_module import update_ema
 from ahpa.transport import Transport
 
 SETTINGS = {"SiT-T/2": dict(input_size=8, batch=64, classes=10), "SiT-B/2": dict(input_size=32, batch=4, classes=1000)}

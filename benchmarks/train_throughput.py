@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ahpa.align.objective import AlignmentObjective
 from ahpa.models.sit import build_sit
-from ahpa.step import TrainingModule
+from ahpa.training_module import TrainingModule
 from ahpa.transport import Transport
 
 # Dense bf16 tensor-core peak, TFLOPS (vendor data sheets; SXM parts unless named).

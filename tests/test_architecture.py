@@ -25,7 +25,7 @@ FLOORS = [
     {"ahpa", "ahpa.errors", "ahpa.counter_rng", "ahpa.nonfinite", "ahpa.distributed"},  # "ahpa": the version
     {"ahpa.io", "ahpa.config_rules", "ahpa.align", "ahpa.transport", "ahpa.sampling_speed"},
     {"ahpa.config", "ahpa.models", "ahpa.sampling", "ahpa.checkpointing", "ahpa.router_plot"},
-    {"ahpa.priors", "ahpa.step", "ahpa.resume"},
+    {"ahpa.priors", "ahpa.training_module", "ahpa.resume"},
     {"ahpa.evaluation"},
     {"ahpa.data"},
     {"ahpa.build", "ahpa.probe"},

@@ -34,8 +34,8 @@ from ahpa.io import LOCK_FILE, RunLock
 from ahpa.models.checkpoints import save_ema_safetensors
 from ahpa.models.sit import build_sit
 from ahpa.nonfinite import NonFiniteGuard
-from ahpa.step import update_ema
 from ahpa.train import Trainer
+from ahpa.training_module import update_ema
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "configs" / "toy.yaml"
@@ -204,10 +204,10 @@ def test_nan_step_in_the_training_loop_changes_nothing_and_is_counted(two_step_r
 
 @pytest.mark.slow
 def test_too_many_nonfinite_steps_stop_the_run_without_saving(capsys, tmp_path, monkeypatch):
-    import ahpa.step
+    import ahpa.training_module
 
-    original = ahpa.step.TrainingModule.forward
-    monkeypatch.setattr(ahpa.step.TrainingModule, "forward",
+    original = ahpa.training_module.TrainingModule.forward
+    monkeypatch.setattr(ahpa.training_module.TrainingModule, "forward",
                         lambda self, *a: tuple(v * float("nan") for v in original(self, *a)))
     out = tmp_path / "run"
     line = error_line(capsys, "train", "--config", TOY, "--out", out, *FAST, "train.steps=6", "train.max_nonfinite_steps=2",

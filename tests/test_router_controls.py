@@ -17,7 +17,7 @@ from torch import nn
 from ahpa.align.objective import AlignmentObjective
 from ahpa.config import Config, load_config
 from ahpa.errors import AhpaError
-from ahpa.step import optimizer_param_groups
+from ahpa.training_module import optimizer_param_groups
 
 B, GRID, D, L, C = 4, 2, 8, 2, 4
 

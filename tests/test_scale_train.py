@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ahpa.config import load_config
-from ahpa.models.sit import build_sit
-from ahpa.build import build_objective
-from ahpa.step import TrainingModule
-from ahpa.train import Trainer
-from ahpa.transport import Transport
 from helpers import randomised
 from test_train import TOY, _free_port, toy_cfg, weights
+
+from ahpa.build import build_objective
+from ahpa.config import load_config
+from ahpa.models.sit import build_sit
+from ahpa.train import Trainer
+from ahpa.training_module import TrainingModule
+from ahpa.transport import Transport
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"

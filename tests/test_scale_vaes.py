@@ -19,10 +19,15 @@ from ahpa.errors import AhpaError
 from ahpa.models.sit import build_sit
 from ahpa.priors.base import denormalize_latent, normalize_latent
 from ahpa.priors.hierarchy import (
-    CONSISTENCY_DECODER_CONFIG, FLUX_VAE_CONFIG, SD3_VAE_CONFIG, SDXL_VAE_CONFIG, HierarchicalVAEPrior, resolve_grouping,
+    CONSISTENCY_DECODER_CONFIG,
+    FLUX_VAE_CONFIG,
+    SD3_VAE_CONFIG,
+    SDXL_VAE_CONFIG,
+    HierarchicalVAEPrior,
+    resolve_grouping,
 )
 from ahpa.priors.vae import load_vae, vae_downsample_factor, vae_scaling_factor, vae_shift_factor
-from ahpa.step import TrainingModule
+from ahpa.training_module import TrainingModule
 from ahpa.transport import Transport
 
 pytestmark = pytest.mark.usefixtures("one_thread")

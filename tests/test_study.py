@@ -170,3 +170,12 @@ def test_paired_differences_are_per_seed_and_excluding_zero_is_marked():
     md = results_markdown(study, rows)
     assert "## Per-seed difference from vanilla" in md and "| control | -1.200 ± 0.248 (n=3) * |" in md
     assert "| control | +0.000 ± 0.000 (n=3) |" in md  # accuracy: no difference, not marked
+
+
+def test_seeds_for_power_matches_the_published_one_sample_t_table():
+    """G*Power's one-sample (paired) t-test, two-sided alpha 0.05, power 0.8: n = 34 for d = 0.5, 15 for d = 0.8."""
+    from ahpa.study.results import seeds_for_power
+
+    assert seeds_for_power(1.0, 0.5) == 34
+    assert seeds_for_power(2.0, 1.6) == 15  # only the ratio delta / sd matters
+    assert seeds_for_power(0.22 * 2 ** 0.5, 1.0) == 4  # the positive-control toy: cFID difference 1 at step 1600

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from ahpa.checkpointing import latest_checkpoint
 from ahpa.config import load_config
 from ahpa.errors import AhpaError
-from ahpa.step import update_ema
 from ahpa.train import Trainer
+from ahpa.training_module import update_ema
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "configs" / "toy.yaml"

@@ -55,7 +55,7 @@ from ahpa.errors import AhpaError
 from ahpa.models.sit import SIT_CONFIGS
 from ahpa.priors.dinov2 import DINOv2Teacher
 from ahpa.priors.vae import vae_downsample_factor
-from ahpa.step import TrainingModule
+from ahpa.training_module import TrainingModule
 
 METHOD_NAMES = ("vanilla", "ahpa", "repa", "sra2")
 # FlopCounterMode ops that are attention matmuls (fused SDPA kernels, or bmm of the math path).

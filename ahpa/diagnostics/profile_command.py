@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ahpa.diagnostics.profile import count_costs, load_method
-from ahpa.diagnostics.profile_speed import autocast_dtype, available_bytes, persistent_bytes, measure_speed
+from ahpa.diagnostics.profile_speed import autocast_dtype, available_bytes, measure_speed, persistent_bytes
 from ahpa.errors import AhpaError
 from ahpa.io import write_json_atomic
 

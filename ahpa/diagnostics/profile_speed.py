@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 
 from ahpa.config import Config
-from ahpa.diagnostics.profile import Method, step_features, build_method, random_inputs
-from ahpa.step import update_ema
+from ahpa.diagnostics.profile import Method, build_method, random_inputs, step_features
+from ahpa.training_module import update_ema
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:

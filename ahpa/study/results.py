@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats
 
+from ahpa.errors import AhpaError
 from ahpa.io import atomic_open, write_text_atomic
 from ahpa.study.schema import Study, eval_paths, primary_metrics
 
@@ -78,6 +79,18 @@ def paired_differences(rows: list[dict], method: str, baseline: str, metric: str
         return {r["seed"]: r.get(metric) for r in rows if r["method"] == name and r["step"] == step and r.get(metric) is not None}
     mine, base = by_seed(method), by_seed(baseline)
     return mean_interval([mine[s] - base[s] for s in sorted(set(mine) & set(base))])
+
+
+def seeds_for_power(sd_diff: float, delta: float, power: float = 0.8, alpha: float = 0.05) -> int:
+    """Smallest number of seeds for which a paired t-test (two-sided ``alpha``) detects a true mean per-seed
+    difference ``delta`` with probability ``power``, when the differences have standard deviation ``sd_diff``
+    (noncentral t; the sizing rule of a study, issue 21)."""
+    for n in range(2, 10_000):
+        df, nc = n - 1, delta * math.sqrt(n) / sd_diff
+        crit = stats.t.ppf(1 - alpha / 2, df)
+        if stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc) >= power:
+            return n
+    raise AhpaError(f"no study of fewer than 10000 seeds detects a difference of {delta} at sd {sd_diff}")
 
 
 def _paired_section(study: Study, rows: list[dict]) -> list[str]:
