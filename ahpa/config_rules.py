@@ -24,11 +24,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prior.normalize": ("token", "none", "spatial", "irepa"),
     "prior.latent_target": ("patchify", "pool"),
     "teacher.model": tuple(f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")),
+    # the Inception teacher's selectable blocks (ahpa/priors/inception.py LAYERS; a test keeps the two equal)
+    "teacher.layer": ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+                      "Mixed_7a", "Mixed_7b", "Mixed_7c"),
     "align.method": ("ahpa", "repa", "sra2", "vanilla"),
     "align.router": ("dynamic", "uniform", "linear", "lut", "attention", "content"),
     "align.time_encoding": ("linear", "sinusoidal", "fourier"),
     "align.head": ("conv3", "linear", "mlp3", "mlp5", "convblock2", "convblock3", "convblock5", "sra_mlp"),
     "align.loss": ("cosine", "l1", "smooth_l1"),
+    "align.router_signal": ("alignment", "usefulness"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "sample.mode": ("ode", "sde"),
     "sample.method": ("euler", "heun"),
@@ -37,8 +41,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 VAE_GROUPS = ("G1", "G2", "G3", "G4")  # hierarchical VAE prior (ahpa/priors/hierarchy.py)
 TEACHER_GROUP = "dinov2"  # DINOv2 teacher, REPA (ahpa/priors/dinov2.py)
+INCEPTION_GROUP = "inception"  # Inception-v3 teacher, REPA's recipe with another network (ahpa/priors/inception.py)
+TEACHER_GROUPS = (TEACHER_GROUP, INCEPTION_GROUP)  # the frozen pretrained teachers; a run aligns to at most one
 LATENT_GROUP = "latent"  # VAE posterior mean, SRA2-style (ahpa/priors/latent.py)
-METHOD_GROUP = {"repa": TEACHER_GROUP, "sra2": LATENT_GROUP}
+METHOD_GROUP = {"repa": TEACHER_GROUPS, "sra2": (LATENT_GROUP,)}  # the groups a method label accepts (any one of them)
 
 
 def validate(cfg) -> None:
@@ -66,15 +72,22 @@ def validate(cfg) -> None:
         raise AhpaError("data.source is 'coco' but data.path is empty; set data.path=/path/to/coco (train2014/, annotations/)")
     if cfg.data.source in ("images", "cache") and not cfg.data.path:
         raise AhpaError(f"data.source is '{cfg.data.source}' but data.path is empty; set data.path=/path/to/{'imagenet/train' if cfg.data.source == 'images' else 'cache'}")
-    known = (*VAE_GROUPS, TEACHER_GROUP, LATENT_GROUP)
+    known = (*VAE_GROUPS, *TEACHER_GROUPS, LATENT_GROUP)
     bad = [g for g in cfg.prior.groups if g not in known]
     if bad:
         raise AhpaError(f"prior.groups has unknown group {bad[0]!r}; choose from: {', '.join(known)}")
     if len(set(cfg.prior.groups)) != len(cfg.prior.groups):
         raise AhpaError(f"prior.groups {cfg.prior.groups} names a group twice")
     need = METHOD_GROUP.get(cfg.align.method)
-    if need and need not in cfg.prior.groups:
-        raise AhpaError(f"align.method={cfg.align.method} aligns to the '{need}' group, but prior.groups is {cfg.prior.groups}; set prior.groups=[{need}]")
+    if need and not set(need) & set(cfg.prior.groups):
+        raise AhpaError(f"align.method={cfg.align.method} aligns to the '{need[0]}' group, but prior.groups is {cfg.prior.groups}; "
+                        f"set prior.groups=[{need[0]}]" + (f" (or [{need[1]}])" if len(need) > 1 else ""))
+    teachers = [g for g in cfg.prior.groups if g in TEACHER_GROUPS]
+    if len(teachers) > 1:
+        raise AhpaError(f"prior.groups names two teachers {teachers}; a run aligns to one frozen teacher: keep one of them")
+    if cfg.align.router_signal == "usefulness" and cfg.align.router in ("uniform", "linear"):
+        raise AhpaError(f"align.router_signal=usefulness trains the router, but align.router={cfg.align.router} has nothing to train; "
+                        "use align.router=dynamic (or lut, attention, content)")
     if cfg.align.method != "vanilla" and cfg.prior.kind == "none":
         raise AhpaError(f"align.method={cfg.align.method} needs a prior; set prior.kind=vae_hierarchy (or align.method=vanilla)")
     if cfg.teacher.input_size and (cfg.teacher.input_size < 0 or cfg.teacher.input_size % 14):

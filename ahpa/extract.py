@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ahpa.build import build_prior, build_teacher, build_vae, latent_geometry
-from ahpa.config import LATENT_GROUP, TEACHER_GROUP, Config, load_config
+from ahpa.config import CHOICES, INCEPTION_GROUP, LATENT_GROUP, TEACHER_GROUP, TEACHER_GROUPS, Config, load_config
 from ahpa.data.cache import read_manifest, verify_cache
 from ahpa.data.captions import extract_text_cache, read_text_manifest, verify_text_cache
 from ahpa.data.coco import CocoImages
@@ -68,14 +68,16 @@ def run(args: argparse.Namespace) -> int:
     vae = build_vae(cfg, device, path=args.vae)
     grid = args.grid or latent_geometry(cfg, vae, resolution)[1]
     groups = args.groups.split(",") if args.groups else list(cfg.prior.groups)
-    teacher_name = args.teacher or (cfg.teacher.model if TEACHER_GROUP in groups else None)
+    if args.teacher_layer:
+        cfg.teacher.layer = args.teacher_layer
+    teacher_name = args.teacher or (cfg.teacher.model if TEACHER_GROUP in groups else INCEPTION_GROUP if INCEPTION_GROUP in groups else None)
     teacher = None
-    if teacher_name:  # REPA's teacher features beside the VAE's (group "dinov2"); "latent" is derived, never stored
+    if teacher_name:  # a teacher's features beside the VAE's (group "dinov2" or "inception"); "latent" is derived, never stored
         teacher = build_teacher(cfg, grid, device, name=teacher_name, weights=args.teacher_weights)
     for key in ("grouping", "split", "resample"):  # the flags win over the config
         if getattr(args, key):
             setattr(cfg.prior, key, getattr(args, key))
-    prior = build_prior(cfg, vae, grid, [g for g in groups if g not in (TEACHER_GROUP, LATENT_GROUP)])
+    prior = build_prior(cfg, vae, grid, [g for g in groups if g not in (*TEACHER_GROUPS, LATENT_GROUP)])
     workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     # one writer per rank of a world size (ranks write disjoint shards); io.RunLock
     with RunLock(args.out, "ahpa extract", name=LOCK_FILE if world == 1 else f"{LOCK_FILE}.rank{rank}-of-{world}") as lock:
@@ -119,8 +121,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grouping", choices=("auto", "sd_vae", "resolution"))
     p.add_argument("--resample", choices=("area", "bilinear"))
     p.add_argument("--grid", type=int, help="token grid side (default: resolution / VAE factor / model patch)")
-    p.add_argument("--teacher", choices=tuple(f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")),
-                   help="also cache REPA's DINOv2 teacher features (group dinov2); default: when the config's prior.groups has dinov2")
+    p.add_argument("--teacher", choices=(*(f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")), INCEPTION_GROUP),
+                   help="also cache a teacher's features: REPA's DINOv2 (group dinov2) or the evaluator's Inception-v3 (group "
+                        "inception); default: the teacher group of the config's prior.groups")
+    p.add_argument("--teacher-layer", choices=CHOICES["teacher.layer"],
+                   help="Inception block for --teacher inception (default: config teacher.layer, Mixed_6e)")
     p.add_argument("--teacher-weights", help="DINOv2 weight file (default: config teacher.weights, else the torch-hub / HF cache)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "int8"), default="float16", help="feature storage")
     p.add_argument("--flip-both", action="store_true", help="also store the horizontally flipped image's features")

@@ -32,7 +32,7 @@ class TrainingModule(torch.nn.Module):
         loss_diff = out["loss"]
         if self.objective is None:
             return loss_diff.mean(), loss_diff.detach().mean(), torch.zeros((), device=x0.device)
-        loss_align, _ = self.objective(out["hidden"], features, t)
+        loss_align, _ = self.objective(out["hidden"], features, t, loss_diff=loss_diff)
         return (loss_diff + loss_align).mean(), loss_diff.detach().mean(), loss_align.detach().mean()
 
 

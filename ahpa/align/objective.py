@@ -30,6 +30,8 @@ from ahpa.align.normalize import NORMALIZE_MODES, normalize_features
 from ahpa.align.router import build_router
 from ahpa.errors import AhpaError
 
+ROUTER_SIGNALS = ("alignment", "usefulness")  # what trains the router (docs/design.md section 13)
+
 
 class AlignmentObjective(nn.Module):
     """Router + projection heads + alignment loss.
@@ -51,6 +53,12 @@ class AlignmentObjective(nn.Module):
             an entropy bonus ``- c * H`` on the router's softmaxes, the softmax temperature,
             and a warm-up that blends the static uniform mix into the router's weights
             linearly over the first N training steps (the trainer calls :meth:`set_step`).
+        router_signal: what trains the router.  ``"alignment"`` (the paper): the alignment loss, through
+            the target.  ``"usefulness"`` (docs/design.md section 13): the router is detached from the
+            alignment loss and maximises ``router_usefulness * E[sum_k gamma_k / K sum_l alpha_kl u_kl]``,
+            where ``u_kl`` is the cosine, per sample, between the diffusion loss's gradient and the gradient
+            of the alignment loss to layer l of group k alone, both at the aligned hidden state (App. E.1's
+            agreement).  It needs the per-sample diffusion loss (``forward(..., loss_diff=)``).
     """
 
     def __init__(self, hidden_size: int, grid: int, group_shapes: dict[str, tuple[int, int]], depths: Sequence[int],
@@ -58,11 +66,14 @@ class AlignmentObjective(nn.Module):
                  normalize: str = "token", time_encoding: str = "linear", time_dim: int = 128,
                  router_hidden: int = 256, router_depth: int = 4, lut_bins: int = 10, prototypes: int = 8,
                  normalize_alpha: float = 0.6,
-                 router_entropy: float = 0.0, router_temperature: float = 1.0, router_warmup_steps: int = 0):
+                 router_entropy: float = 0.0, router_temperature: float = 1.0, router_warmup_steps: int = 0,
+                 router_signal: str = "alignment", router_usefulness: float = 1.0):
         super().__init__()
         if router_temperature <= 0 or router_entropy < 0 or router_warmup_steps < 0:
             raise AhpaError(f"router controls out of range: temperature {router_temperature} must be > 0, entropy "
                             f"{router_entropy} and warm-up steps {router_warmup_steps} must be >= 0")
+        if router_signal not in ROUTER_SIGNALS:
+            raise AhpaError(f"unknown router signal '{router_signal}'; choose one of: {', '.join(ROUTER_SIGNALS)}")
         if not depths or any(d < 1 for d in depths):
             raise AhpaError(f"alignment depths must be 1-indexed block numbers, got {list(depths)}")
         if loss not in LOSS_KINDS:
@@ -82,17 +93,16 @@ class AlignmentObjective(nn.Module):
         )
         self.router.temperature = float(router_temperature)
         self.router_entropy, self.router_warmup_steps = float(router_entropy), int(router_warmup_steps)
+        self.router_signal, self.router_usefulness = router_signal, float(router_usefulness)
         # Training step for the warm-up; not persistent (checkpoints keep their keys), the trainer sets it every step.
         self.register_buffer("step", torch.zeros((), dtype=torch.float32), persistent=False)
         self.target_dim = sum(C for _, C in self.group_shapes.values())
         self.heads = nn.ModuleDict({str(d): build_head(head, hidden_size, self.target_dim) for d in self.depths})
 
-    def alignment_target(self, features: dict[str, torch.Tensor], t: torch.Tensor,
-                         content: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target ``Y`` ``[B, sum C_k, grid, grid]`` (float32) and ``gamma`` ``[B, K]`` (Eqs. 3-4)."""
-        intra, gamma = self.warmed_up(*self.router(t, content))
-        parts = []
-        for k, g in enumerate(self.groups):
+    def normalized_features(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The detached, normalised features ``[B, L_k, C_k, grid, grid]`` of every group, shapes checked."""
+        out = {}
+        for g in self.groups:
             if g not in features:
                 raise AhpaError(f"prior features lack group '{g}' (have {sorted(features)}); the cache or prior must provide prior.groups")
             f = features[g].detach()
@@ -100,9 +110,50 @@ class AlignmentObjective(nn.Module):
             if f.dim() != 5 or tuple(f.shape[1:]) != (L, C, self.grid, self.grid):
                 raise AhpaError(f"prior features of group '{g}' have shape {tuple(f.shape)}, expected [B, {L}, {C}, {self.grid}, {self.grid}]; "
                                 "the cache or prior does not match this model's token grid or prior.split")
-            mix = torch.einsum("bl,blchw->bchw", intra[g], normalize_features(f, self.normalize, alpha=self.normalize_alpha))
-            parts.append(gamma[:, k, None, None, None] * mix)
+            out[g] = normalize_features(f, self.normalize, alpha=self.normalize_alpha)
+        return out
+
+    def alignment_target(self, features: dict[str, torch.Tensor], t: torch.Tensor,
+                         content: torch.Tensor | None = None, *, normalized: dict[str, torch.Tensor] | None = None,
+                         detach_router: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target ``Y`` ``[B, sum C_k, grid, grid]`` (float32) and ``gamma`` ``[B, K]`` (Eqs. 3-4)."""
+        intra, gamma = self.warmed_up(*self.router(t, content))
+        if detach_router:  # router_signal=usefulness: the alignment loss does not train the router
+            intra, gamma = {g: a.detach() for g, a in intra.items()}, gamma.detach()
+        normalized = self.normalized_features(features) if normalized is None else normalized
+        parts = [gamma[:, k, None, None, None] * torch.einsum("bl,blchw->bchw", intra[g], normalized[g]) for k, g in enumerate(self.groups)]
         return torch.cat(parts, dim=1), gamma
+
+    def usefulness(self, h: torch.Tensor, pred: torch.Tensor, normalized: dict[str, torch.Tensor],
+                   loss_diff: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``u_kl`` per sample, ``{group: [B, L_k]}``: the cosine between ``d loss_diff_i / d h_i`` and the gradient,
+        at the same hidden state ``h_i``, of the alignment loss of head output ``pred`` to layer l of group k alone.
+
+        Positive where a step down the alignment loss to that layer is also a step down the diffusion loss.
+        Every sample's loss depends on its own hidden state only, so the gradients of the batch sums are the
+        per-sample gradients.  The M = sum_k L_k head gradients are one batched vector-Jacobian product
+        (``is_grads_batched``, vmap inside autograd).  Nothing here is kept in the graph: the values are
+        weights of the router's loss, not paths for the backbone's gradient.
+        """
+        g_diff = torch.autograd.grad(loss_diff.sum(), h, retain_graph=True)[0].flatten(1).float()
+        with torch.enable_grad():
+            p = pred.detach().float().requires_grad_(True)
+            grads, offset = [], 0
+            for g in self.groups:
+                L, C = self.group_shapes[g]
+                part = p[:, offset : offset + C]
+                for l in range(L):
+                    grads.append(torch.autograd.grad(alignment_loss(part, normalized[g][:, l], self.loss_kind).sum(), p)[0])
+                offset += C
+        g_head = torch.autograd.grad(pred, h, grad_outputs=torch.stack(grads).to(pred.dtype), retain_graph=True,
+                                     is_grads_batched=True)[0]  # [M, B, N, D]
+        u = torch.nn.functional.cosine_similarity(g_head.flatten(2).float(), g_diff[None], dim=2, eps=1e-12)  # [M, B]
+        out, start = {}, 0
+        for g in self.groups:
+            L = self.group_shapes[g][0]
+            out[g] = u[start : start + L].T.detach()
+            start += L
+        return out
 
     def set_step(self, step: int) -> None:
         """The training step (for ``router_warmup_steps``); in place, so no recompilation under torch.compile."""
@@ -127,9 +178,10 @@ class AlignmentObjective(nn.Module):
         return torch.stack(ent).mean(0)
 
     def forward(self, hidden: dict[int, torch.Tensor], features: dict[str, torch.Tensor],
-                t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                t: torch.Tensor, loss_diff: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-sample ``lambda * L_align`` ``[B]`` and statistics: the unweighted mean loss
-        ``align_loss`` and the batch-mean ``gamma_<group>``."""
+        ``align_loss`` and the batch-mean ``gamma_<group>``.  ``loss_diff``: the per-sample diffusion
+        loss, for ``router_signal="usefulness"`` (without it, or without grad, the router gets no signal)."""
         for d in self.depths:
             if d not in hidden:
                 raise AhpaError(f"no hidden state for alignment depth {d} (have {sorted(hidden)}); pass hidden_depths={self.depths} to the model")
@@ -140,20 +192,34 @@ class AlignmentObjective(nn.Module):
             # Content router (App. D.6): pooled tokens of the first aligned block, detached so
             # that the target stays a target and the backbone learns only through the head.
             content = hidden[self.depths[0]].detach().float().mean(dim=1) if self.router.uses_content else None
-            target, gamma = self.alignment_target(features, t, content)
-        losses = []
+            normalized = self.normalized_features(features)
+            useful = self.router_signal == "usefulness" and loss_diff is not None and torch.is_grad_enabled()
+            target, gamma = self.alignment_target(features, t, content, normalized=normalized, detach_router=self.router_signal == "usefulness")
+        losses, utility = [], []
         for d in self.depths:
             h = hidden[d]
             B, N, D = h.shape
             if N != self.grid * self.grid or D != self.hidden_size:
                 raise AhpaError(f"hidden state of block {d} is {tuple(h.shape)}, expected [B, {self.grid * self.grid}, {self.hidden_size}]")
             x = h.transpose(1, 2).reshape(B, D, self.grid, self.grid)  # token i * grid + j -> (row i, column j)
-            losses.append(alignment_loss(self.heads[str(d)](x), target, self.loss_kind))
+            pred = self.heads[str(d)](x)
+            losses.append(alignment_loss(pred, target, self.loss_kind))
+            if useful:
+                with fp32:
+                    utility.append(self.usefulness(h, pred, normalized, loss_diff))
         align = torch.stack(losses).mean(dim=0)
         # 0-d tensors left on the device (no host sync per step); float() them to log.
         stats = {"align_loss": align.mean().detach()}
         stats |= {f"gamma_{g}": gamma[:, k].mean().detach() for k, g in enumerate(self.groups)}
         loss = self.weight * align
+        if utility:  # the usefulness signal: it reaches only the router (u is detached, the target too)
+            with fp32:
+                intra, gamma_raw = self.router(t, content)
+                K = gamma_raw.shape[1]
+                mixed = [sum(gamma_raw[:, k] / K * (intra[g] * u[g]).sum(1) for k, g in enumerate(self.groups)) for u in utility]
+                value = torch.stack(mixed).mean(0)
+            stats["router_usefulness"] = value.mean().detach()
+            loss = loss - self.router_usefulness * value
         if self.router_entropy > 0:  # the bonus rewards spread weights; it reaches only the router
             with fp32:
                 bonus = self.router_entropy_bonus(t, content)

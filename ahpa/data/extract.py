@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ahpa import __version__
-from ahpa.config import TEACHER_GROUP
 from ahpa.data.cache import (
     FORMAT,
     FORMAT_VERSION,
@@ -142,7 +141,7 @@ def _encode(prior: HierarchicalVAEPrior, results: list[LoadResult], buffer: _Sha
     x = torch.cat([x, x.flip(-1)]) if flip_both else x
     output = prior(x)
     if teacher is not None:  # REPA's teacher on the same images (the mirrored image's own features for flips)
-        output.features[TEACHER_GROUP] = teacher.grid_features(x)
+        output.features[teacher.group] = teacher.grid_features(x)
     halves = [
         PriorOutput(output.latent_mean[s], output.latent_std[s], {g: v[s] for g, v in output.features.items()})
         for s in (slice(0, len(ok)), slice(len(ok), None))
@@ -165,8 +164,8 @@ def _plan(images: ImageFolderDataset, prior: HierarchicalVAEPrior, resolution: i
           teacher=None) -> dict:
     f = vae_downsample_factor(prior.vae)
     latent_shape = [prior.vae.config.latent_channels, resolution // f, resolution // f]
-    group_shapes = dict(prior.group_shapes) | ({TEACHER_GROUP: (1, teacher.embed_dim)} if teacher is not None else {})
-    teachers = {"teachers": {TEACHER_GROUP: teacher.describe()}} if teacher is not None else {}
+    group_shapes = dict(prior.group_shapes) | ({teacher.group: (1, teacher.embed_dim)} if teacher is not None else {})
+    teachers = {"teachers": {teacher.group: teacher.describe()}} if teacher is not None else {}
     return teachers | {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -335,7 +334,8 @@ def extract_cache(
     """Extract (or resume extracting) this rank's shards; returns the manifest once the cache is complete.
 
     ``stop_after``: return after this many encoder batches, as if killed (tests).
-    ``teacher``: a :class:`~ahpa.priors.dinov2.DINOv2Teacher` whose features are stored as group "dinov2".
+    ``teacher``: a frozen teacher from :func:`ahpa.build.build_teacher` whose features are stored as its
+    group (``teacher.group``: "dinov2" or "inception").
     Returns None while shards of other ranks are still pending.
     A finished cache is checked against its manifest (sizes and headers; ``checksums``:
     also sha256) and exactly its damaged shards are redone.

@@ -209,23 +209,26 @@ def teacher_cache_fields(teacher: DINOv2Teacher) -> dict:
     return teacher.describe()
 
 
-def check_cache_teacher(manifest: dict, path, model: str, grid: int, input_size: int = 0, backbone: str = "the model") -> None:
-    """Refuse a run that aligns to "dinov2" on a cache written without teacher features (or with another teacher).
+def check_cache_teacher(manifest: dict, path, group: str, want: dict, backbone: str = "the model") -> None:
+    """Refuse a run that aligns to a teacher group (``dinov2`` or ``inception``) on a cache written without its
+    features, or with another teacher, layer, grid or input size.
 
-    Checks the teacher name and token grid recorded by ``ahpa extract --teacher``; the weights'
-    hash is recorded for provenance only (a cache run needs no teacher weights).
+    ``want`` holds the fields of the teacher's ``describe()`` the run needs (model or layer, grid, input
+    size); the weights' hash is recorded for provenance only (a cache run needs no teacher weights).
     """
-    stored = (manifest.get("teachers") or {}).get(TEACHER_GROUP)
-    if stored is None or TEACHER_GROUP not in manifest.get("features", {}):
+    stored = (manifest.get("teachers") or {}).get(group)
+    flag = "inception" if group != TEACHER_GROUP else want.get("model", "dinov2_vitb14")
+    label = "DINOv2" if group == TEACHER_GROUP else group.capitalize()
+    if stored is None or group not in manifest.get("features", {}):
         raise AhpaError(
-            f"feature cache '{path}' holds no DINOv2 teacher features (missing prior '{TEACHER_GROUP}'; it holds {sorted(manifest.get('features', {}))}); "
-            f"re-extract it with `ahpa extract ... --teacher {model}`, or train REPA from images (data.source=images computes the teacher on the fly)"
+            f"feature cache '{path}' holds no {label} teacher features (missing prior '{group}'; it holds {sorted(manifest.get('features', {}))}); "
+            f"re-extract it with `ahpa extract ... --teacher {flag}`, or train from images (data.source=images computes the teacher on the fly)"
         )
-    if stored.get("model") != model:
-        raise AhpaError(f"feature cache '{path}' holds teacher features of {stored.get('model')}, the run asks for teacher.model={model}; "
-                        "re-extract with that teacher or set teacher.model to the cached one")
-    if stored.get("grid") != grid:
-        raise AhpaError(f"feature cache '{path}' holds teacher features on a {stored.get('grid')}x{stored.get('grid')} grid "
-                        f"({stored.get('input_size')} px), but {backbone} has a {grid}x{grid} token grid here; re-extract with --config of this model (or --grid {grid})")
-    if input_size and input_size != stored.get("input_size"):
-        raise AhpaError(f"feature cache '{path}' holds teacher features at {stored.get('input_size')} px, the run asks for teacher.input_size={input_size}")
+    for key, value in want.items():
+        if stored.get(key) == value:
+            continue
+        if key == "grid":
+            raise AhpaError(f"feature cache '{path}' holds {label} teacher features on a {stored.get('grid')}x{stored.get('grid')} grid "
+                            f"({stored.get('input_size')} px), but {backbone} has a {value}x{value} token grid here; re-extract with --config of this model (or --grid {value})")
+        raise AhpaError(f"feature cache '{path}' holds {label} teacher features with {key}={stored.get(key)!r}, the run asks for "
+                        f"teacher.{key}={value!r}; re-extract with that teacher or set teacher.{key} to the cached one")

@@ -65,6 +65,8 @@ def _run_jobs(study: Study, out: Path, jobs: int, study_arg: list[str]) -> None:
             env = dict(os.environ)
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+            else:  # CPU: share the cores; N jobs of all-core thread pools each run many times slower than one job
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
             cmd = [sys.executable, "-m", "ahpa.cli", "study", *study_arg, "--out", str(out), "--run", name]
             log = open(out / "logs" / f"{name}.log", "a")
             print(f"[study] started {name} (log {log.name})", flush=True)
