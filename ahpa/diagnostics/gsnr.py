@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ahpa.align.objective import AlignmentObjective
 from ahpa.build import build_backbone, build_objective, build_source, build_transport
-from ahpa.config import load_config
+from ahpa.config import TEACHER_GROUPS, load_config
 from ahpa.data.sampler import step_generator
 from ahpa.errors import AhpaError
 from ahpa.io import atomic_open, write_json_atomic
@@ -130,9 +130,12 @@ def _static_objective(kind: str, keys: list[str], shapes: dict, base_cfg, sit):
 
 # ---------------------------------------------------------------------- command
 
-def _source_config(cfg, keys: set[str], n: int, seed: int):
-    """A copy of ``cfg`` whose data source yields ``n`` samples per batch and the VAE groups in ``keys``."""
+def _source_config(cfg, keys: set[str], n: int, seed: int, teacher=None):
+    """A copy of ``cfg`` whose data source yields ``n`` samples per batch and the VAE and teacher groups in
+    ``keys``; ``teacher``: the ``teacher.*`` section of the target config that brings a teacher group."""
     c = copy.deepcopy(cfg)
+    if teacher is not None and not any(g in TEACHER_GROUPS for g in c.prior.groups):
+        c.teacher = copy.deepcopy(teacher)
     groups = list(dict.fromkeys(list(c.prior.groups) + sorted(k for k in keys if _is_group(k))))
     c.prior.groups = groups
     if c.align.method == "vanilla":
@@ -146,7 +149,8 @@ def _source_config(cfg, keys: set[str], n: int, seed: int):
 
 
 def _is_group(key: str) -> bool:
-    return key.startswith(GROUP_PREFIX) and key[1:].isdigit()
+    """A feature group the data source can add: a VAE group (G1..G4) or a frozen teacher (dinov2, inception)."""
+    return (key.startswith(GROUP_PREFIX) and key[1:].isdigit()) or key in TEACHER_GROUPS
 
 
 class GSNRRun:
@@ -187,7 +191,8 @@ class GSNRRun:
                 keys |= set(other_cfgs[spec][0].prior.groups)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = device
-        src_cfg = _source_config(cfg, keys, args.n, args.seed)
+        teachers = [o.teacher for o, _ in other_cfgs.values() if any(g in TEACHER_GROUPS for g in o.prior.groups)]
+        src_cfg = _source_config(cfg, keys, args.n, args.seed, teachers[0] if teachers else None)
         self.source = build_source(src_cfg, device=device, rank=0, world=1, per_rank=args.n)
         self.feature_source = None
         if vae_swap:  # Table B.10: the supervisor encoder changes, the backbone's latents do not
