@@ -7,7 +7,11 @@ the device (as after loading a batch from the feature cache).  Prints, from one
 run: the median training-step time (forward + backward + AdamW step, the two
 methods alternating after a warm-up), the peak-memory ratio (CUDA only), the
 training FLOPs ratio (forward + backward, ``torch.utils.flop_counter``) and the
-added parameters.  The last line is the step-time ratio AHPA / vanilla.
+added parameters.  The last line is the step-time ratio AHPA / vanilla.  A third
+method, AHPA whose router is trained by usefulness (``align.router_signal=usefulness``,
+docs/design.md section 13: one more backward pass through the blocks above the
+aligned one and one batched vector-Jacobian product through the head), alternates
+with the two; its step-time ratio to AHPA's is printed before the last line.
 
     python benchmarks/alignment_overhead.py                          # toy: SiT-T/2, 4x8x8 latent, tiny-VAE groups
     python benchmarks/alignment_overhead.py --model SiT-B/2 --batch 8  # 256 px: 4x32x32 latent, SD-VAE G3+G4
@@ -91,10 +95,14 @@ def main() -> None:
     depth = args.depth or sit.default_alignment_depth
     objective = AlignmentObjective(sit.hidden_size, sit.grid, group_shapes, [depth],
                                    router=args.router, head=args.head).to(device)
-    models = {"vanilla": sit, "ahpa": copy.deepcopy(sit)}
+    useful = copy.deepcopy(objective)
+    useful.router_signal, useful.router_entropy = "usefulness", 0.1  # as the toy-pc study runs it
+    models = {"vanilla": sit, "ahpa": copy.deepcopy(sit), "useful": copy.deepcopy(sit)}
+    objectives = {"ahpa": objective, "useful": useful}
     optimizers = {
         "vanilla": torch.optim.AdamW(models["vanilla"].parameters(), lr=1e-4, weight_decay=0.0),
         "ahpa": torch.optim.AdamW([*models["ahpa"].parameters(), *objective.parameters()], lr=1e-4, weight_decay=0.0),
+        "useful": torch.optim.AdamW([*models["useful"].parameters(), *useful.parameters()], lr=1e-4, weight_decay=0.0),
     }
     transport = Transport()
     B, C = args.batch, sit.in_channels
@@ -107,8 +115,8 @@ def main() -> None:
             if method == "vanilla":
                 loss = transport.training_losses(models["vanilla"], x0, y)["loss"]
             else:
-                out = transport.training_losses(models["ahpa"], x0, y, hidden_depths=(depth,))
-                loss = out["loss"] + objective(out["hidden"], features, out["t"])[0]
+                out = transport.training_losses(models[method], x0, y, hidden_depths=(depth,))
+                loss = out["loss"] + objectives[method](out["hidden"], features, out["t"], loss_diff=out["loss"])[0]
         loss.mean().backward()
 
     def step(method: str) -> None:
@@ -123,7 +131,7 @@ def main() -> None:
         sync(device)
         return time.perf_counter() - start
 
-    methods = ("vanilla", "ahpa")
+    methods = ("vanilla", "ahpa", "useful")
     flops = {}
     for m in methods:
         with FlopCounterMode(display=False) as counter:
@@ -170,6 +178,9 @@ def main() -> None:
     else:
         print("  peak memory ratio: n/a on CPU (torch's CPU allocator keeps no peak statistics)")
     print(f"  fastest-step ratio ahpa / vanilla = {min(times['ahpa']) / min(times['vanilla']):.4f} (less sensitive to a busy machine)")
+    print(f"  training FLOPs ratio usefulness / alignment router = {flops['useful'] / flops['ahpa']:.4f}")
+    print(f"  step time ratio usefulness / alignment router = {median['useful'] / median['ahpa']:.4f} "
+          f"(fastest-step ratio {min(times['useful']) / min(times['ahpa']):.4f})")
     print(f"step time ratio ahpa / vanilla = {median['ahpa'] / median['vanilla']:.4f}")
 
 

@@ -21,9 +21,11 @@ pooling to the SiT token grid.  The output is shaped like a prior group,
 ``[B, L=1, C, grid, grid]`` (token ``i * grid + j`` at row i, column j), like
 :meth:`ahpa.priors.dinov2.DINOv2Teacher.grid_features`.
 
-Not wired into the config / data / training code here: the priors are built from a
-config in one place on the main branch (``ahpa/build.py``), where this class is to
-be registered.
+A config selects it with ``prior.groups: [inception]`` and ``teacher.layer``
+(``configs/toy-inception.yaml``); :func:`ahpa.build.build_teacher` builds it, the
+data sources put its output in ``features["inception"]``, ``ahpa extract --teacher
+inception`` caches it, and a fixed in-memory set's features are memoised per machine
+(:func:`ahpa.data.batches.memoised_teacher_features`).
 """
 
 from __future__ import annotations
