@@ -9,7 +9,7 @@ all call these functions; nothing else passes config values to the constructors.
         +-> target_shapes: (layers, channels) of every aligned group, in the objective's order
         +-> build_backbone (SiT or MMDiT) --> build_objective (router + heads + loss; None for vanilla)
         +-> build_transport
-        +-> build_source: the data source, handed the VAE, prior and teacher built here
+        +-> build_source: the data source (toy, images, cache, REPA's layout, captions), handed the VAE, prior and teacher built here
 
 ``build_for_shapes`` builds backbone, objective and group shapes from the VAE's
 architecture alone (no weights, any device including ``meta``): what the profiler,
@@ -37,6 +37,7 @@ from ahpa.data.cache import read_manifest
 from ahpa.data.captions import CachedTextStore, CaptionSource, EncoderTextStore, TensorTextStore, captions_hash, toy_text_embeddings
 from ahpa.data.coco import CocoCaptions, CocoImages, load_captioned_toy
 from ahpa.data.images import ImageFolderDataset
+from ahpa.data.repa import RepaDataset, RepaSource
 from ahpa.data.toy import load_toy
 from ahpa.errors import AhpaError
 from ahpa.models.mmdit import MMDIT_CONFIGS, MMDiT, build_mmdit
@@ -253,6 +254,8 @@ def build_source(cfg: Config, *, device, rank: int = 0, world: int = 1, per_rank
         return _in_memory_source(cfg, device, rank, world, per_rank, images, labels)
     if cfg.data.source == "images":
         return _image_source(cfg, device, rank, world, per_rank, ImageFolderDataset(cfg.data.path, cfg.data.resolution))
+    if cfg.data.source == "repa":
+        return _repa_source(cfg, device, rank, world, per_rank)
     return _cache_source(cfg, device, rank, world, per_rank)
 
 
@@ -282,6 +285,16 @@ def _image_source(cfg, device, rank, world, per_rank, dataset) -> ImageSource:
     shapes = target_shapes(cfg, prior, latent_shape, grid, teacher.embed_dim if teacher is not None else None)
     return ImageSource(cfg, device, rank, world, per_rank, dataset, vae=vae, prior=prior, teacher=teacher,
                        normalisation=latent_normalisation(cfg, vae), group_shapes=shapes, latent_shape=latent_shape)
+
+
+def _repa_source(cfg, device, rank, world, per_rank) -> RepaSource:
+    """REPA's DATA/images + DATA/vae-sd: latents from its .npy files (checked against this VAE's latent shape),
+    features from the on-the-fly prior."""
+    vae, latent_shape, grid, prior, teacher = _encoders(cfg, device, on_the_fly=True)
+    dataset = RepaDataset(cfg.data.path, cfg.data.resolution, (2 * latent_shape[0], *latent_shape[1:]))
+    shapes = target_shapes(cfg, prior, latent_shape, grid, teacher.embed_dim if teacher is not None else None)
+    return RepaSource(cfg, device, rank, world, per_rank, dataset, vae=vae, prior=prior, teacher=teacher,
+                      normalisation=latent_normalisation(cfg, vae), group_shapes=shapes, latent_shape=latent_shape)
 
 
 def _cache_source(cfg, device, rank, world, per_rank) -> CacheSource:
