@@ -9,7 +9,7 @@ all call these functions; nothing else passes config values to the constructors.
         +-> target_shapes: (layers, channels) of every aligned group, in the objective's order
         +-> build_backbone (SiT or MMDiT) --> build_objective (router + heads + loss; None for vanilla)
         +-> build_transport
-        +-> build_source: the data source, handed the VAE, prior and teacher built here
+        +-> build_source: the data source (toy, images, cache, REPA's layout, captions), handed the VAE, prior and teacher built here
 
 ``build_for_shapes`` builds backbone, objective and group shapes from the VAE's
 architecture alone (no weights, any device including ``meta``): what the profiler,
@@ -37,6 +37,7 @@ from ahpa.data.cache import read_manifest
 from ahpa.data.captions import CachedTextStore, CaptionSource, EncoderTextStore, TensorTextStore, captions_hash, toy_text_embeddings
 from ahpa.data.coco import CocoCaptions, CocoImages, load_captioned_toy
 from ahpa.data.images import ImageFolderDataset
+from ahpa.data.repa import RepaDataset, RepaSource
 from ahpa.data.toy import load_toy
 from ahpa.errors import AhpaError
 from ahpa.models.mmdit import MMDIT_CONFIGS, MMDiT, build_mmdit
@@ -128,10 +129,24 @@ def vae_architecture(cfg: Config) -> AutoencoderKL:
     return AutoencoderKL.from_config(config)
 
 
-def build_prior(cfg: Config, vae: AutoencoderKL, grid: int, groups=None) -> HierarchicalVAEPrior:
-    """The one-pass hierarchical prior of the VAE groups a config aligns to (or ``groups``), pooled to ``grid``."""
+def build_prior(cfg: Config, vae: AutoencoderKL, grid: int, groups=None, *, on_the_fly: bool = False) -> HierarchicalVAEPrior:
+    """The one-pass hierarchical prior of the VAE groups a config aligns to (or ``groups``), pooled to ``grid``;
+    ``on_the_fly``: the encoder pass of every training step, with ``data.encoder_*`` (:func:`encoder_options`)."""
+    options = encoder_options(cfg, vae.device) if on_the_fly else {}
     return HierarchicalVAEPrior(vae, groups=vae_groups(cfg) if groups is None else tuple(groups), grid=grid,
-                                grouping=cfg.prior.grouping, split=cfg.prior.split, resample=cfg.prior.resample)
+                                grouping=cfg.prior.grouping, split=cfg.prior.split, resample=cfg.prior.resample, **options)
+
+
+def encoder_options(cfg: Config, device) -> dict:
+    """``data.encoder_dtype`` / ``encoder_memory_format`` / ``encoder_compile`` resolved on ``device``: ``auto`` is
+    bfloat16 in channels-last memory on a CUDA GPU with bf16, float32 contiguous elsewhere (a CPU: bf16 is not
+    measured faster there; docs/scale.md, "The on-the-fly encoder")."""
+    device = torch.device(device)
+    fast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    precision = cfg.data.encoder_dtype if cfg.data.encoder_dtype != "auto" else ("bfloat16" if fast else "float32")
+    layout = cfg.data.encoder_memory_format
+    channels_last = layout == "channels_last" or (layout == "auto" and fast and precision == "bfloat16")
+    return {"precision": precision, "channels_last": channels_last, "compile": cfg.data.encoder_compile}
 
 
 def build_teacher(cfg: Config, grid: int, device=None, *, name: str | None = None,
@@ -239,6 +254,8 @@ def build_source(cfg: Config, *, device, rank: int = 0, world: int = 1, per_rank
         return _in_memory_source(cfg, device, rank, world, per_rank, images, labels)
     if cfg.data.source == "images":
         return _image_source(cfg, device, rank, world, per_rank, ImageFolderDataset(cfg.data.path, cfg.data.resolution))
+    if cfg.data.source == "repa":
+        return _repa_source(cfg, device, rank, world, per_rank)
     return _cache_source(cfg, device, rank, world, per_rank)
 
 
@@ -249,11 +266,11 @@ def latent_normalisation(cfg: Config, vae: AutoencoderKL):
     return scale, torch.full((vae.config.latent_channels,), shift) if shift else 0.0
 
 
-def _encoders(cfg: Config, device, teacher: bool = True):
+def _encoders(cfg: Config, device, teacher: bool = True, on_the_fly: bool = False):
     vae = build_vae(cfg, device)
     latent_shape, grid = latent_geometry(cfg, vae)
     tch = build_teacher(cfg, grid, device) if teacher and teacher_group(cfg) else None
-    return vae, latent_shape, grid, build_prior(cfg, vae, grid), tch
+    return vae, latent_shape, grid, build_prior(cfg, vae, grid, on_the_fly=on_the_fly), tch
 
 
 def _in_memory_source(cfg, device, rank, world, per_rank, images, labels) -> InMemorySource:
@@ -264,10 +281,20 @@ def _in_memory_source(cfg, device, rank, world, per_rank, images, labels) -> InM
 
 
 def _image_source(cfg, device, rank, world, per_rank, dataset) -> ImageSource:
-    vae, latent_shape, grid, prior, teacher = _encoders(cfg, device)
+    vae, latent_shape, grid, prior, teacher = _encoders(cfg, device, on_the_fly=True)
     shapes = target_shapes(cfg, prior, latent_shape, grid, teacher.embed_dim if teacher is not None else None)
     return ImageSource(cfg, device, rank, world, per_rank, dataset, vae=vae, prior=prior, teacher=teacher,
                        normalisation=latent_normalisation(cfg, vae), group_shapes=shapes, latent_shape=latent_shape)
+
+
+def _repa_source(cfg, device, rank, world, per_rank) -> RepaSource:
+    """REPA's DATA/images + DATA/vae-sd: latents from its .npy files (checked against this VAE's latent shape),
+    features from the on-the-fly prior."""
+    vae, latent_shape, grid, prior, teacher = _encoders(cfg, device, on_the_fly=True)
+    dataset = RepaDataset(cfg.data.path, cfg.data.resolution, (2 * latent_shape[0], *latent_shape[1:]))
+    shapes = target_shapes(cfg, prior, latent_shape, grid, teacher.embed_dim if teacher is not None else None)
+    return RepaSource(cfg, device, rank, world, per_rank, dataset, vae=vae, prior=prior, teacher=teacher,
+                      normalisation=latent_normalisation(cfg, vae), group_shapes=shapes, latent_shape=latent_shape)
 
 
 def _cache_source(cfg, device, rank, world, per_rank) -> CacheSource:

@@ -51,11 +51,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "images"  # images | cache | toy | coco | toy_captions (the last two: captions, MMDiT)
-    path: str = ""  # ImageNet-layout folder (images) or cache directory (cache)
+    source: str = "images"  # images | cache | repa | toy | coco | toy_captions (the last two: captions, MMDiT)
+    path: str = ""  # ImageNet-layout folder (images), cache directory (cache) or REPA's DATA/ folder (repa: images/ + vae-sd/)
     resolution: int = 256
     hflip: bool = True  # random flips (raw images only; a cache decides itself)
     num_workers: int = 4
+    # The on-the-fly encoder of data.source=images|repa (docs/scale.md, "The on-the-fly encoder"):
+    encoder_dtype: str = "auto"  # auto (bfloat16 on a CUDA GPU with bf16, else float32) | float32 | bfloat16
+    encoder_memory_format: str = "auto"  # auto (channels_last where the encoder runs in bfloat16 on CUDA) | contiguous | channels_last
+    encoder_compile: bool = False  # torch.compile of the encoder pass (one graph; opt-in: it compiles for minutes)
 
 
 @dataclass

@@ -13,7 +13,9 @@ import math
 from ahpa.errors import AhpaError
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("images", "cache", "toy", "coco", "toy_captions"),
+    "data.source": ("images", "cache", "repa", "toy", "coco", "toy_captions"),
+    "data.encoder_dtype": ("auto", "float32", "bfloat16"),
+    "data.encoder_memory_format": ("auto", "contiguous", "channels_last"),
     "vae.latent_norm": ("scale", "channel_stats"),
     "transport.path": ("linear", "cosine"),
     "transport.time_sampling": ("uniform", "lognormal"),
@@ -70,8 +72,12 @@ def validate(cfg) -> None:
         raise AhpaError("sample.guidance_low and sample.guidance_high must satisfy 0 <= low <= high <= 1")
     if cfg.data.source == "coco" and not cfg.data.path:
         raise AhpaError("data.source is 'coco' but data.path is empty; set data.path=/path/to/coco (train2014/, annotations/)")
-    if cfg.data.source in ("images", "cache") and not cfg.data.path:
-        raise AhpaError(f"data.source is '{cfg.data.source}' but data.path is empty; set data.path=/path/to/{'imagenet/train' if cfg.data.source == 'images' else 'cache'}")
+    if cfg.data.source in ("images", "cache", "repa") and not cfg.data.path:
+        folder = {"images": "imagenet/train", "cache": "cache", "repa": "DATA (REPA's images/ and vae-sd/)"}[cfg.data.source]
+        raise AhpaError(f"data.source is '{cfg.data.source}' but data.path is empty; set data.path=/path/to/{folder}")
+    if cfg.data.source == "repa" and cfg.data.hflip:
+        raise AhpaError("data.source=repa reads the latents REPA stored for the unflipped images (REPA trains without flips); "
+                        "set data.hflip=false")
     known = (*VAE_GROUPS, *TEACHER_GROUPS, LATENT_GROUP)
     bad = [g for g in cfg.prior.groups if g not in known]
     if bad:

@@ -2,9 +2,10 @@
 # One GPU check (<= 8 minutes on one H100/H200): CUDA-only tests, then the benchmarks, into one JSON.
 #   bash benchmarks/gpu_suite.sh [OUT.json]        # without CUDA: tiny CPU sizes, same steps, exit 0
 # Parts (time limits in seconds; their sum, 450, leaves room for start-up within 8 minutes):
-#   tests     pytest: the compile tests (inductor on CUDA), the CUDA noise test, the scale sampling tests   110
+#   tests     pytest: the compile tests (inductor on CUDA), the CUDA noise test, the scale sampling tests    95
 #   train_b2  train_throughput.py SiT-B/2, batch 256, bf16, compiled: MFU vanilla and AHPA, AHPA/vanilla   90
-#   train_xl2 train_throughput.py SiT-XL/2, batch 64, the same                                           150
+#   train_xl2 train_throughput.py SiT-XL/2, batch 64, the same                                           125
+#   encoder   encoder_cost.py SD-VAE 256 px vs a SiT-XL/2 AHPA step, batch 32: fp32/bf16/channels-last     40
 #   sample    sampling_noise.py SiT-XL/2, batch 64, SDE 50 steps, bf16: images/s, noise share, 50K hours   60
 #   evaluate  evaluation_throughput.py: Inception images/s and the minutes for 50K + 10K reference         40
 # Each part writes its JSON line; a part that fails or times out is recorded with its exit code, not fatal.
@@ -21,10 +22,11 @@ part() {  # part NAME LIMIT CMD...: stdout to NAME.out, stderr to NAME.err, exit
 }
 if python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   MODE=cuda
-  part tests 110 python -m pytest -q -x tests/test_scale_sampling.py tests/test_sampling_speed.py \
+  part tests 95 python -m pytest -q -x tests/test_scale_sampling.py tests/test_sampling_speed.py \
     "tests/test_scale_train.py::test_training_step_compiles_as_one_graph_and_equals_eager"
   part train_b2 90 python benchmarks/train_throughput.py --model SiT-B/2 --batch 256 --steps 10 --compile
-  part train_xl2 150 python benchmarks/train_throughput.py --model SiT-XL/2 --batch 64 --steps 10 --compile
+  part train_xl2 125 python benchmarks/train_throughput.py --model SiT-XL/2 --batch 64 --steps 10 --compile
+  part encoder 40 python benchmarks/encoder_cost.py --model SiT-XL/2 --batch 32 --warmup 2 --iters 5
   part sample 60 python benchmarks/sampling_noise.py --model SiT-XL/2 --batch 64 --steps 50 --bf16
   part evaluate 40 python benchmarks/evaluation_throughput.py --json
 else
@@ -33,6 +35,7 @@ else
   part tests 300 python -m pytest -q -x tests/test_scale_sampling.py tests/test_sampling_speed.py
   part train_b2 300 python benchmarks/train_throughput.py --model SiT-T/2 --input-size 8 --batch 4 --steps 2 --warmup 1
   echo '{}' > "$TMP/train_xl2.out"; echo 0 > "$TMP/train_xl2.rc"; echo 0 > "$TMP/train_xl2.s"
+  part encoder 300 python benchmarks/encoder_cost.py --vae tiny --model SiT-T/2 --resolution 32 --batch 2 --warmup 1 --iters 1
   part sample 300 python benchmarks/sampling_noise.py --model SiT-T/2 --input-size 8 --batch 4 --steps 3
   part evaluate 300 python benchmarks/evaluation_throughput.py --images 4 --batch 4 --json
 fi
@@ -46,7 +49,7 @@ def last_json(name):
         except ValueError:
             continue
     return None
-parts = ("tests", "train_b2", "train_xl2", "sample", "evaluate")
+parts = ("tests", "train_b2", "train_xl2", "encoder", "sample", "evaluate")
 result = {"mode": mode, "seconds": int(time.time()) - start,
           "rc": {p: int((tmp / f"{p}.rc").read_text()) for p in parts},
           "part_seconds": {p: int((tmp / f"{p}.s").read_text()) for p in parts},

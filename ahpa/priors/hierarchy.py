@@ -31,6 +31,12 @@ Resampling to the ``grid x grid`` token grid (``resample_to_grid``):
 each ``f x f`` block when the map side is ``f * grid``; ``"bilinear"`` (App. A)
 is ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``,
 which reads only the 2x2 pixels around each token centre when downsampling.
+
+The cheap on-the-fly pass (docs/scale.md, "The on-the-fly encoder"): the pass always runs under
+``torch.inference_mode`` (its outputs are handed back as ordinary tensors); ``precision="bfloat16"``
+runs it under bf16 autocast, ``channels_last=True`` in channels-last memory, and ``compile=True``
+through ``torch.compile`` of :meth:`HierarchicalVAEPrior.walk`, a hook-free copy of the encoder's
+block order (the hooks' forward, checked equal to it by the tests).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ahpa.errors import AhpaError
 from ahpa.priors.base import PriorOutput
@@ -52,6 +59,7 @@ GROUPS = ("G1", "G2", "G3", "G4")
 GROUPINGS = ("auto", "sd_vae", "resolution")
 SPLITS = {"4/4": 4, "2/6": 2, "6/2": 6}  # split -> number of 512-channel layers in G3 (App. D.2)
 RESAMPLES = ("area", "bilinear")
+PRECISIONS = ("float32", "bfloat16")
 
 # diffusers AutoencoderKL kwargs of stabilityai/sd-vae-ft-ema (its config.json): the
 # architecture the groupings below are written for.  ``AutoencoderKL(**SD_VAE_CONFIG)``
@@ -222,7 +230,13 @@ class HierarchicalVAEPrior:
         grouping: str = "auto",
         split: str = "4/4",
         resample: str = "area",
+        *,
+        precision: str = "float32",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
+        if precision not in PRECISIONS:
+            raise AhpaError(f"unknown encoder precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if resample not in RESAMPLES:
             raise AhpaError(f"unknown prior resample {resample!r}; choose one of {', '.join(RESAMPLES)}")
         if grid < 1:
@@ -242,6 +256,13 @@ class HierarchicalVAEPrior:
             )
         self.layers = {name: available[name] for name in GROUPS if name in groups}
         self._hooked = {l.path: vae.get_submodule(l.path) for members in self.layers.values() for l in members}
+        self.precision, self.channels_last = precision, channels_last
+        if channels_last:  # the encoder's convolutions read NHWC weights; values (and encoder_hash) unchanged
+            vae.encoder.to(memory_format=torch.channels_last)
+            if vae.quant_conv is not None:
+                vae.quant_conv.to(memory_format=torch.channels_last)
+        # one graph of the whole pass (no hooks: Dynamo would bake hook registration into its guards)
+        self._walk = torch.compile(self.walk) if compile else None
 
     @property
     def group_shapes(self) -> dict[str, tuple[int, int]]:
@@ -268,7 +289,44 @@ class HierarchicalVAEPrior:
 
         return hook
 
-    @torch.no_grad()
+    def walk(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The encoder's forward block by block, as diffusers' ``Encoder.forward`` and ``DownEncoderBlock2D`` /
+        ``UNetMidBlock2D.forward`` order it (the layers :func:`encoder_layers` lists): (the posterior's
+        parameters, hooked path -> its output resampled to the grid, float32).  No hooks, no side effects:
+        what ``torch.compile`` turns into one graph."""
+        vae, enc, found = self.vae, self.vae.encoder, {}
+
+        def keep(path: str, h: torch.Tensor) -> torch.Tensor:
+            if path in self._hooked:
+                found[path] = resample_to_grid(h, self.grid, self.resample).float()
+            return h
+
+        h = keep("encoder.conv_in", enc.conv_in(images))
+        for i, block in enumerate(enc.down_blocks):
+            for j, resnet in enumerate(block.resnets):
+                h = keep(f"encoder.down_blocks.{i}.resnets.{j}", resnet(h, temb=None))
+            for j, downsampler in enumerate(block.downsamplers or ()):
+                h = keep(f"encoder.down_blocks.{i}.downsamplers.{j}", downsampler(h))
+        mid = enc.mid_block
+        h = keep("encoder.mid_block.resnets.0", mid.resnets[0](h, None))
+        for i, (attention, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+            if attention is not None:
+                h = keep(f"encoder.mid_block.attentions.{i}", attention(h, temb=None))
+            h = keep(f"encoder.mid_block.resnets.{i + 1}", resnet(h, None))
+        h = enc.conv_out(enc.conv_act(enc.conv_norm_out(h)))
+        return (vae.quant_conv(h) if vae.quant_conv is not None else h), found
+
+    def _hooked_pass(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``vae.encode`` with a forward hook on each selected layer (a slicing VAE calls each hook per image)."""
+        outputs: dict[str, list[torch.Tensor]] = {path: [] for path in self._hooked}
+        handles = [module.register_forward_hook(self._hook(outputs[p])) for p, module in self._hooked.items()]
+        try:
+            moments = self.vae.encode(images).latent_dist.parameters
+        finally:
+            for handle in handles:
+                handle.remove()
+        return moments, {path: torch.cat(maps) for path, maps in outputs.items()}
+
     def __call__(self, images: torch.Tensor) -> PriorOutput:
         channels = vae_in_channels(self.vae)
         if images.ndim != 4 or images.shape[1] != channels or not images.is_floating_point():
@@ -277,21 +335,25 @@ class HierarchicalVAEPrior:
             )
         if getattr(self.vae, "use_tiling", False):
             raise AhpaError("tiled VAE encoding splits the feature maps; call vae.disable_tiling() before extraction")
-        outputs: dict[str, list[torch.Tensor]] = {path: [] for path in self._hooked}
-        handles = [module.register_forward_hook(self._hook(outputs[p])) for p, module in self._hooked.items()]
         device = self.vae.device
         # float16 autocast overflows SDXL-VAE's activations (force_upcast): encode in float32 then
         upcast = (getattr(self.vae.config, "force_upcast", True) and torch.amp.is_autocast_available(device.type)
                   and torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16)
-        try:
-            with torch.autocast(device.type, enabled=False) if upcast else nullcontext():
-                posterior = self.vae.encode(images.to(device, self.vae.dtype)).latent_dist
-        finally:
-            for handle in handles:
-                handle.remove()
-        # A slicing VAE (vae.enable_slicing()) calls each hook once per image: concatenate.
+        if upcast:
+            amp = torch.autocast(device.type, enabled=False)
+        elif self.precision == "bfloat16":
+            amp = torch.autocast(device.type, dtype=torch.bfloat16)
+        else:
+            amp = nullcontext()
+        x = images.to(device, self.vae.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), amp:
+            moments, found = (self._walk or self._hooked_pass)(x)
+        # Outside inference mode: the posterior and the stacked maps are ordinary tensors (training may save them).
+        posterior = DiagonalGaussianDistribution(moments.float())
         features = {
-            name: torch.stack([torch.cat(outputs[l.path]) for l in members], dim=1)
+            name: torch.stack([found[l.path] for l in members], dim=1).contiguous()
             for name, members in self.layers.items()
         }
-        return PriorOutput(posterior.mean.float(), posterior.std.float(), features)
+        return PriorOutput(posterior.mean.contiguous().clone(), posterior.std.contiguous(), features)
