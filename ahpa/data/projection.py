@@ -107,7 +107,7 @@ def project(features_by_group: dict[str, torch.Tensor], projection: Projection) 
     for g, p in projection.matrices.items():
         if g not in out:
             continue
-        f = normalize_features(out[g], projection.normalize, alpha=projection.normalize_alpha)
+        f = out[g] if projection.normalize == "none" else normalize_features(out[g], projection.normalize, alpha=projection.normalize_alpha)
         if f.shape[2] != p.shape[1]:
             raise AhpaError(f"the projection of group {g} takes {p.shape[1]} channels, the features have {f.shape[2]}; "
                             "it was fitted for another prior")
