@@ -10,14 +10,16 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
+from test_train import weights
 
 from ahpa.align.objective import AlignmentObjective
 from ahpa.build import build_source
 from ahpa.cli import main as cli_main
 from ahpa.config import load_config
-from ahpa.data.cache import CacheDataset, bytes_per_image, read_manifest, verify_cache
 from ahpa.data import extract as extract_module
+from ahpa.data.cache import CacheDataset, bytes_per_image, read_manifest, verify_cache
 from ahpa.data.extract import extract_cache
+from ahpa.data.images import ImageFolderDataset
 from ahpa.data.projection import (
     MomentAccumulator,
     Projection,
@@ -33,7 +35,6 @@ from ahpa.errors import AhpaError
 from ahpa.priors.hierarchy import SD_VAE_CONFIG, HierarchicalVAEPrior
 from ahpa.priors.vae import load_vae
 from ahpa.train import Trainer
-from test_train import weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOY = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
@@ -157,7 +158,6 @@ def test_projected_cache_manifest_projection_and_verify(cache, prior, folder, tm
     data = CacheDataset(cache)
     item = data[0]
     idx = int(data._open(0).get_slice("index")[0:1][0])
-    from ahpa.data.images import ImageFolderDataset  # noqa: I001  (local: only this test needs the folder reader)
     image = ImageFolderDataset(folder, 32)[idx]["image"].float()[None] / 127.5 - 1
     want = project(prior(image).features, projection)
     for g in ("G3", "G4"):
