@@ -96,7 +96,7 @@ REPAIR = "rerun the same `ahpa extract IMAGE_DIR --out CACHE` command: it redoes
 
 
 def file_xxh3(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """xxh3_64 hex digest of a file: the fast content checksum of a shard (docs/data.md "Verified reads")."""
+    """xxh3_64 hex digest of a file: the fast content checksum of a shard (docs/reliability.md "Safety nets")."""
     digest = xxhash.xxh3_64()
     with open(path, "rb") as f:
         while block := f.read(chunk):
