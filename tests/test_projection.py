@@ -128,7 +128,7 @@ def test_random_projection_and_pca_subset_are_seeded():
     with pytest.raises(AhpaError, match="pca:K, random:K"):
         ProjectionSpec.parse("svd:8")
     with pytest.raises(AhpaError, match="exceeds the 64 channels"):
-        spec(k=0).shapes({"G3": (2, 64)}) if False else ProjectionSpec("pca", 65).shapes({"G3": (2, 64)})
+        ProjectionSpec("pca", 65).shapes({"G3": (2, 64)})
 
 
 def test_sd_vae_projected_cache_bytes_per_image_at_256_px():
