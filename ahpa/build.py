@@ -37,6 +37,7 @@ from ahpa.data.cache import read_manifest
 from ahpa.data.captions import CachedTextStore, CaptionSource, EncoderTextStore, TensorTextStore, captions_hash, toy_text_embeddings
 from ahpa.data.coco import CocoCaptions, CocoImages, load_captioned_toy
 from ahpa.data.images import ImageFolderDataset
+from ahpa.data.projection import ProjectedPrior, check_cache_projection, load_projection, projected_shapes, target_normalization
 from ahpa.data.repa import RepaDataset, RepaSource
 from ahpa.data.toy import load_toy
 from ahpa.errors import AhpaError
@@ -171,7 +172,7 @@ def target_shapes(cfg: Config, prior: HierarchicalVAEPrior | None, latent_shape,
                   teacher_dim: int | None = None) -> dict[str, tuple[int, int]]:
     """(layers, channels) of every aligned group, in the objective's order: the VAE groups, the teacher, the latent."""
     groups = aligned_groups(cfg)
-    shapes = dict(prior.group_shapes) if prior is not None and vae_groups(cfg) else {}
+    shapes = projected_shapes(cfg, dict(prior.group_shapes)) if prior is not None and vae_groups(cfg) else {}  # K with prior.project
     if TEACHER_GROUP in groups:
         shapes[TEACHER_GROUP] = (1, teacher_dim if teacher_dim is not None else teacher_width(cfg.teacher.model))
     if INCEPTION_GROUP in groups:
@@ -208,7 +209,7 @@ def build_objective(cfg: Config, backbone, group_shapes: dict[str, tuple[int, in
         hidden_size=backbone.hidden_size, grid=backbone.grid, group_shapes=group_shapes, depths=depths,
         router=a.router, time_encoding=a.time_encoding, time_dim=a.time_dim, router_hidden=a.router_hidden,
         router_depth=a.router_depth, lut_bins=a.lut_bins, prototypes=a.prototypes, head=a.head, loss=a.loss,
-        weight=a.weight, normalize=cfg.prior.normalize, normalize_alpha=cfg.prior.normalize_alpha,
+        weight=a.weight, normalize=target_normalization(cfg), normalize_alpha=cfg.prior.normalize_alpha,
         router_entropy=a.router_entropy, router_temperature=a.router_temperature, router_warmup_steps=a.router_warmup_steps,
         router_signal=a.router_signal, router_usefulness=a.router_usefulness,
     )
@@ -270,7 +271,14 @@ def _encoders(cfg: Config, device, teacher: bool = True, on_the_fly: bool = Fals
     vae = build_vae(cfg, device)
     latent_shape, grid = latent_geometry(cfg, vae)
     tch = build_teacher(cfg, grid, device) if teacher and teacher_group(cfg) else None
-    return vae, latent_shape, grid, build_prior(cfg, vae, grid, on_the_fly=on_the_fly), tch
+    prior = build_prior(cfg, vae, grid, on_the_fly=on_the_fly)
+    if cfg.prior.project:  # on the fly: the projection file of a projected cache, applied as the extractor does
+        projection = load_projection(cfg.prior.project) if cfg.prior.project.endswith(".safetensors") else None
+        if projection is None or projection.normalize != cfg.prior.normalize:
+            raise AhpaError(f"prior.project={cfg.prior.project} on data.source={cfg.data.source} needs a projection file (CACHE/projection.safetensors) "
+                            f"fitted with prior.normalize={cfg.prior.normalize}" + (f", not {projection.normalize}" if projection else ""))
+        prior = ProjectedPrior(prior, projection)
+    return vae, latent_shape, grid, prior, tch
 
 
 def _in_memory_source(cfg, device, rank, world, per_rank, images, labels) -> InMemorySource:
@@ -305,7 +313,9 @@ def _cache_source(cfg, device, rank, world, per_rank) -> CacheSource:
         check_cache_teacher(manifest, cfg.data.path, group, teacher_identity(cfg, group, grid), cfg.model.name)
     vae = build_vae(cfg, device)  # decodes sample grids; its hash must match the cache
     prior = build_prior(cfg, vae, grid)
+    check_cache_projection(manifest, cfg, cfg.data.path)  # the projection the config expects is the cache's (one line)
     shapes = target_shapes(cfg, prior, manifest["latent_shape"], grid, manifest["features"][group]["shape"][1] if group else None)
+    shapes |= {g: tuple(manifest["features"][g]["shape"][:2]) for g in vae_groups(cfg) if g in manifest["features"]}  # K channels
     normalisation = None if cfg.vae.latent_norm == "channel_stats" else latent_normalisation(cfg, vae)
     return CacheSource(cfg, device, rank, world, per_rank, vae=vae, prior=prior, normalisation=normalisation,
                        group_shapes=shapes, features=bool(vae_groups(cfg)))

@@ -87,6 +87,9 @@ class PriorConfig:
     normalize: str = "token"  # token | none | spatial | irepa (iREPA's (f - alpha mean_T) / (std_T + 1e-6))
     normalize_alpha: float = 0.6  # iREPA's alpha for normalize=irepa (its code default; its README writes 1)
     latent_target: str = "patchify"  # SRA2 group "latent": patchify (p x p -> C p^2 channels) | pool (average)
+    # "": full features | "pca:K" / "random:K": the projection of a projected cache (checked against its manifest)
+    # | a projection .safetensors file (CACHE/projection.safetensors) for on-the-fly sources (docs/projected-caches.md)
+    project: str = ""
 
 
 @dataclass

@@ -49,6 +49,20 @@ LATENT_GROUP = "latent"  # VAE posterior mean, SRA2-style (ahpa/priors/latent.py
 METHOD_GROUP = {"repa": TEACHER_GROUPS, "sra2": (LATENT_GROUP,)}  # the groups a method label accepts (any one of them)
 
 
+PROJECTION_KINDS = ("pca", "random")  # projected feature caches (docs/projected-caches.md)
+
+
+def parse_projection(value: str) -> tuple[str, int] | None:
+    """``"pca:64"`` -> ``("pca", 64)``; ``""`` or a projection file's path -> None; anything else -> AhpaError."""
+    if not value or value.endswith(".safetensors"):
+        return None
+    kind, _, k = value.partition(":")
+    if kind not in PROJECTION_KINDS or not k.isdigit() or int(k) < 1:
+        raise AhpaError(f"projection {value!r} is not pca:K, random:K (K >= 1) or a projection .safetensors file; "
+                        "e.g. prior.project=pca:64 (docs/projected-caches.md)")
+    return kind, int(k)
+
+
 def validate(cfg) -> None:
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
@@ -96,6 +110,12 @@ def validate(cfg) -> None:
                         "use align.router=dynamic (or lut, attention, content)")
     if cfg.align.method != "vanilla" and cfg.prior.kind == "none":
         raise AhpaError(f"align.method={cfg.align.method} needs a prior; set prior.kind=vae_hierarchy (or align.method=vanilla)")
+    if cfg.prior.project:
+        parse_projection(cfg.prior.project)
+        other = [g for g in cfg.prior.groups if g not in VAE_GROUPS]
+        if other:
+            raise AhpaError(f"prior.project={cfg.prior.project} projects the VAE groups only, but prior.groups has {other[0]!r}; "
+                            "drop it or set prior.project to \"\" (docs/projected-caches.md)")
     if cfg.teacher.input_size and (cfg.teacher.input_size < 0 or cfg.teacher.input_size % 14):
         raise AhpaError(f"teacher.input_size={cfg.teacher.input_size} must be a multiple of the DINOv2 patch size 14 (or 0: 14 x the token grid)")
     if any(d < 1 for d in cfg.align.depths):

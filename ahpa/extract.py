@@ -18,6 +18,7 @@ from ahpa.data.cache import read_manifest, verify_cache
 from ahpa.data.captions import extract_text_cache, read_text_manifest, verify_text_cache
 from ahpa.data.coco import CocoImages
 from ahpa.data.extract import MANIFEST, extract_cache
+from ahpa.data.projection import ProjectionSpec
 from ahpa.errors import AhpaError
 from ahpa.io import LOCK_FILE, RunLock, check_output_dir, lock_message
 from ahpa.priors.text import load_clip_text_encoder
@@ -30,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {problem}")
         if problems:
             raise AhpaError(f"feature cache '{args.verify}' failed verification ({len(problems)} problem(s) listed above); "
-                            "rerun the `ahpa extract IMAGE_DIR --out CACHE` command with --checksums to redo exactly the damaged shards")
+                            "rerun the `ahpa extract IMAGE_DIR --out CACHE` command to redo exactly the damaged shards "
+                            "(add --checksums for a cache written before xxh3_64 checksums)")
         manifest = read_manifest(args.verify)
         print(f"ok: {manifest['count']} items in {len(manifest['shards'])} shards ({'sizes and headers' if args.quick else 'sha256'} verified)")
         text = Path(args.verify) / "text"
@@ -79,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
             setattr(cfg.prior, key, getattr(args, key))
     prior = build_prior(cfg, vae, grid, [g for g in groups if g not in (*TEACHER_GROUPS, LATENT_GROUP)])
     workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
+    projection = ProjectionSpec.parse(args.project, images=args.pca_images, seed=args.project_seed, normalize=cfg.prior.normalize,
+                                      normalize_alpha=cfg.prior.normalize_alpha) if args.project else None
     # one writer per rank of a world size (ranks write disjoint shards); io.RunLock
     with RunLock(args.out, "ahpa extract", name=LOCK_FILE if world == 1 else f"{LOCK_FILE}.rank{rank}-of-{world}") as lock:
         if lock_message(lock):
@@ -86,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = extract_cache(
             args.image_dir, args.out, prior, resolution, dtype=args.dtype, flip_both=args.flip_both,
             shard_size=args.shard_size, batch_size=args.batch, rank=rank, world=world, workers=workers,
-            teacher=teacher, checksums=args.checksums, images=coco_images,
+            teacher=teacher, checksums=args.checksums, images=coco_images, projection=projection,
         )  # fmt: skip
         if coco_images is not None and manifest is not None:  # the caption embeddings, once the image cache is complete
 
@@ -112,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", metavar="CACHE", help="check a finished cache (sizes, counts, sha256) instead of extracting")
     p.add_argument("--quick", action="store_true", help="with --verify: sizes and headers only, no sha256")
     p.add_argument("--checksums", action="store_true",
-                   help="on a finished cache: also check each shard's sha256 (else sizes and headers) and redo the damaged ones")
+                   help="on a finished cache: also check each shard's sha256 (else sizes, headers and xxh3_64) and redo the damaged ones")
     p.add_argument("--config", help="YAML config; its data/vae/prior settings are defaults for the flags below")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: config, 256)")
     p.add_argument("--vae", help="VAE: local diffusers dir, cached HF repo id, or 'tiny' (default: config)")
@@ -128,6 +132,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Inception block for --teacher inception (default: config teacher.layer, Mixed_6e)")
     p.add_argument("--teacher-weights", help="DINOv2 weight file (default: config teacher.weights, else the torch-hub / HF cache)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "int8"), default="float16", help="feature storage")
+    p.add_argument("--project", metavar="pca:K|random:K",
+                   help="store K channels per group: P norm(F), one matrix per group (docs/projected-caches.md)")
+    p.add_argument("--pca-images", type=int, default=1024, help="with --project pca:K: images the PCA is fitted on")
+    p.add_argument("--project-seed", type=int, default=0, help="with --project: seed of the PCA image subset / random matrix")
     p.add_argument("--flip-both", action="store_true", help="also store the horizontally flipped image's features")
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
     p.add_argument("--batch", type=int, default=32, help="encoder batch size")

@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import small_vae
 from PIL import Image
+from test_data_images import make_image_folder
+from test_train_sources import cfg_for
 
 from ahpa.cli import main as cli_main
 from ahpa.data import extract as extract_module
@@ -17,9 +20,10 @@ from ahpa.data.cache import CacheDataset, bytes_per_image, check_compatible, deq
 from ahpa.data.extract import extract_cache
 from ahpa.data.images import ImageFolderDataset
 from ahpa.errors import AhpaError
+from ahpa.io import file_sha256
 from ahpa.priors.hierarchy import HierarchicalVAEPrior
-from helpers import small_vae
-from test_data_images import make_image_folder
+from ahpa.priors.vae import load_vae
+from ahpa.train import Trainer
 
 RES = 32
 
@@ -223,3 +227,41 @@ def test_mixed_format_folder_report(prior, tmp_path):
     assert manifest["labels"]["classes"][2] == "c_empty" and manifest["labels"]["counts"][2] == 0
     assert sum(manifest["labels"]["counts"]) == manifest["count"]
     assert verify_cache(tmp_path / "cache") == []
+
+
+def test_flipped_byte_stops_training_with_the_shard_name_and_a_plain_rerun_restores_it(folder, tmp_path):
+    """Issue 19 item 2: the xxh3_64 of every shard is checked at its first read; the same extract command redoes it."""
+    out = tmp_path / "cache"
+    tiny = HierarchicalVAEPrior(load_vae("tiny"), groups=("G3", "G4"), grid=4)
+    extract_cache(folder, out, tiny, RES, **KW)
+    shard = out / "shards" / "000002.safetensors"
+    assert all("xxh3_64" in s for s in read_manifest(out)["shards"])
+    original = {p.name: file_sha256(p) for p in (out / "shards").iterdir()}
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01  # same size: only the checksum sees it
+    shard.write_bytes(bytes(data))
+    with pytest.raises(AhpaError, match=r"000002\.safetensors fails its xxh3_64 checksum.*rerun the same `ahpa extract"):
+        CacheDataset(out)[10]
+    run = Trainer(cfg_for(tmp_path / "run", "data.source=cache", f"data.path={out}", "train.steps=6"), show_progress=False)
+    with pytest.raises(AhpaError, match=r"000002\.safetensors fails its xxh3_64 checksum") as err:
+        run.run()  # 21 items, 8 per step: every shard is read within the first three steps
+    assert "\n" not in str(err.value) and run.step < 6
+    extract_cache(folder, out, tiny, RES, **KW)  # the plain rerun, no --checksums
+    assert {p.name: file_sha256(p) for p in (out / "shards").iterdir()} == original
+    assert verify_cache(out) == [] and len(CacheDataset(out)[10]["features"]) == 2
+
+
+def test_a_cache_without_xxh3_checksums_still_reads(reference, tmp_path):
+    """Caches written before the fast checksum (their records have sha256 only) read with the size checks."""
+    cache = tmp_path / "old"
+    shutil.copytree(reference, cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        del shard["xxh3_64"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_cache(cache) == [] and set(CacheDataset(cache)[10]) == {"latent_mean", "latent_std", "y", "features"}
+    shard = cache / "shards" / "000002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert "sha256" in verify_cache(cache)[0]  # --verify and `extract --checksums` still find it

@@ -26,7 +26,9 @@ items:
 The manifest records counts, shapes, dtypes, the label histogram, the prior's
 ``describe()`` (encoder hash, grouping, layer paths, resample, grid), the
 resolution, the flip policy, the ahpa version, per-shard sha256 / bytes /
-count, and per-channel statistics of sampled latents (iREPA convention):
+count / xxh3_64 (issue 19: the fast checksum every training process checks
+once per shard, at its first read; caches written before it have none and are read
+without it), and per-channel statistics of sampled latents (iREPA convention):
 mean_c = E[mu], var_c = E[mu^2 + sigma^2] - mean_c^2 (the exact expectation
 over the posterior noise, accumulated in float64 before storage rounding).
 """
@@ -34,16 +36,19 @@ over the posterior noise, accumulated in float64 before storage rounding).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import xxhash
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from ahpa.data.projection import projection_problem
 from ahpa.errors import AhpaError
 from ahpa.io import atomic_path, file_sha256
 from ahpa.priors.base import PriorOutput
@@ -84,6 +89,38 @@ def bytes_per_image(
         if dtype == "int8":
             total += layers * channels * 4  # float32 scales
     return total * (2 if flip else 1) + 16  # labels, index
+
+
+# ----------------------------------------------------------------------------- checksums
+REPAIR = "rerun the same `ahpa extract IMAGE_DIR --out CACHE` command: it redoes exactly the damaged shards"
+
+
+def file_xxh3(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """xxh3_64 hex digest of a file: the fast content checksum of a shard (docs/reliability.md "Safety nets")."""
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_checksums(path: str | os.PathLike, chunk: int = 1 << 22) -> tuple[str, str]:
+    """(sha256, xxh3_64) of a file in one read."""
+    sha, fast = hashlib.sha256(), xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha.update(block)
+            fast.update(block)
+    return sha.hexdigest(), fast.hexdigest()
+
+
+def shard_checksum_problem(root: Path, shard: dict) -> str | None:
+    """Why a shard's bytes differ from its record's xxh3_64, or None (also None for a record without one: an old cache)."""
+    want = shard.get("xxh3_64")
+    if want is None:
+        return None
+    got = file_xxh3(root / shard["file"])
+    return None if got == want else f"{shard['file']} fails its xxh3_64 checksum ({got}, the manifest says {want}: corrupt bytes)"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -132,7 +169,7 @@ def _shard_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
 def write_shard(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> dict:
     """Write a shard safely: temp file, re-read the header and check it, fsync, rename.
 
-    Returns the shard's record ``{file, count, bytes, sha256}`` (file relative
+    Returns the shard's record ``{file, count, bytes, sha256, xxh3_64}`` (file relative
     to the cache root, i.e. ``shards/<name>``).
     """
     path = Path(path)
@@ -145,7 +182,8 @@ def write_shard(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> di
         shapes = _shard_shapes(tmp)
         if shapes != expected:
             raise AhpaError(f"shard {path.name} read back with shapes {shapes}, written {expected}; check the disk and rerun")
-    return {"file": f"{path.parent.name}/{path.name}", "count": count, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    sha256, xxh3 = file_checksums(path)
+    return {"file": f"{path.parent.name}/{path.name}", "count": count, "bytes": path.stat().st_size, "sha256": sha256, "xxh3_64": xxh3}
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -229,6 +267,10 @@ def verify_cache(path: str | os.PathLike, checksum: bool = True) -> list[str]:
                 problems.append(f"{shard['file']}: features.{group} has shape {shapes.get(f'features.{group}')}, manifest says [n, *{spec['shape']}]")
         if checksum and file_sha256(file) != shard["sha256"]:
             problems.append(f"{shard['file']}: sha256 differs from the manifest (corrupt bytes)")
+        elif checksum and (problem := shard_checksum_problem(Path(path), shard)):
+            problems.append(problem)
+    if problem := projection_problem(Path(path), manifest):  # a projected cache's matrices (docs/projected-caches.md)
+        problems.append(problem)
     if total != manifest["count"]:
         problems.append(f"shards hold {total} items, manifest count is {manifest['count']}")
     return problems
@@ -243,9 +285,10 @@ class CacheDataset(Dataset):
     Tensors are float32 (int8 features dequantised), or ``dtype``: float16
     halves what DataLoader workers pass to the trainer.  ``flip=None`` uses the
     flipped copies when the cache holds them: items ``count .. 2*count-1`` are
-    the mirrored images.  ``verify``: ``"size"`` checks every shard's size at
-    open and its header on first use; ``"checksum"`` also hashes a shard on
-    first use in each process (reads it once).  ``groups`` selects the feature
+    the mirrored images.  ``verify``: ``"fast"`` (default) checks every shard's size
+    at open, and its header and xxh3_64 checksum on first use in each process (reads
+    the shard once; a cache without xxh3_64 records gets the ``"size"`` checks);
+    ``"size"``: sizes and headers only; ``"checksum"``: sizes, headers and sha256.  ``groups`` selects the feature
     groups read (default all stored; ``()`` for latents only, e.g. vanilla SiT,
     so their bytes are never touched).
     """
@@ -254,12 +297,12 @@ class CacheDataset(Dataset):
         self,
         path: str | os.PathLike,
         flip: bool | None = None,
-        verify: str = "size",
+        verify: str = "fast",
         dtype: torch.dtype = torch.float32,
         groups: Sequence[str] | None = None,
     ):
-        if verify not in ("size", "checksum"):
-            raise AhpaError(f"CacheDataset verify must be 'size' or 'checksum', got {verify!r}")
+        if verify not in ("fast", "size", "checksum"):
+            raise AhpaError(f"CacheDataset verify must be 'fast', 'size' or 'checksum', got {verify!r}")
         self.path = Path(path)
         self.manifest = read_manifest(path)
         self.verify, self.dtype = verify, dtype
@@ -318,7 +361,10 @@ class CacheDataset(Dataset):
             if count != shard["count"]:
                 raise AhpaError(f"cache shard {file} holds {count} items, the manifest says {shard['count']}; re-extract the cache")
             if self.verify == "checksum" and file_sha256(file) != shard["sha256"]:
-                raise AhpaError(f"cache shard {file} fails its sha256 check (corrupt bytes); re-extract the cache")
+                raise AhpaError(f"cache shard {file} fails its sha256 check (corrupt bytes); {REPAIR} (add --checksums)")
+            problem = shard_checksum_problem(self.path, shard) if self.verify == "fast" else None
+            if problem:  # before any value of the shard is handed out: training stops here
+                raise AhpaError(f"cache shard {self.path}/{problem}; {REPAIR}")
             self._files[k] = handle
         return self._files[k]
 

@@ -42,10 +42,12 @@ from ahpa.data.cache import (
     bytes_per_image,
     latent_dtype,
     read_manifest,
+    shard_checksum_problem,
     storage_tensors,
     write_shard,
 )
 from ahpa.data.images import ImageFolderDataset, ImageReport, LoadResult
+from ahpa.data.projection import PROJECTION_FILE, Projection, ProjectionSpec, manifest_record, prepare_projection, project, projection_problem
 from ahpa.errors import AhpaError
 from ahpa.io import check_output_dir, file_sha256, remove_stale_temps, write_json_atomic
 from ahpa.priors.base import PriorOutput
@@ -130,7 +132,7 @@ class _ShardBuffer:
 
 
 def _encode(prior: HierarchicalVAEPrior, results: list[LoadResult], buffer: _ShardBuffer, dtype: str, flip_both: bool,
-            teacher=None) -> None:
+            teacher=None, projection: Projection | None = None) -> None:
     """Run the prior on one batch's decodable images (and their mirror images) into the shard buffer."""
     for result in results:
         buffer.report.record(result)
@@ -140,6 +142,8 @@ def _encode(prior: HierarchicalVAEPrior, results: list[LoadResult], buffer: _Sha
     x = torch.stack([r.item["image"] for r in ok]).to(prior.vae.device).float() / 127.5 - 1.0
     x = torch.cat([x, x.flip(-1)]) if flip_both else x
     output = prior(x)
+    if projection is not None:  # P norm(F) per group (docs/projected-caches.md)
+        output.features = project(output.features, projection)
     if teacher is not None:  # REPA's teacher on the same images (the mirrored image's own features for flips)
         output.features[teacher.group] = teacher.grid_features(x)
     halves = [
@@ -161,11 +165,12 @@ def _commit(buffer: _ShardBuffer, out: Path, k: int, root: str) -> None:
 
 
 def _plan(images: ImageFolderDataset, prior: HierarchicalVAEPrior, resolution: int, dtype: str, flip_both: bool, shard_size: int, order_seed: int,
-          teacher=None) -> dict:
+          teacher=None, projection: ProjectionSpec | None = None) -> dict:
     f = vae_downsample_factor(prior.vae)
     latent_shape = [prior.vae.config.latent_channels, resolution // f, resolution // f]
-    group_shapes = dict(prior.group_shapes) | ({teacher.group: (1, teacher.embed_dim)} if teacher is not None else {})
+    group_shapes = (projection.shapes(dict(prior.group_shapes)) if projection else dict(prior.group_shapes)) | ({teacher.group: (1, teacher.embed_dim)} if teacher is not None else {})
     teachers = {"teachers": {teacher.group: teacher.describe()}} if teacher is not None else {}
+    teachers |= {"projection": projection.describe()} if projection else {}  # stored: P norm(F), K channels per group
     return teachers | {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -220,8 +225,8 @@ def _done(out: Path, k: int) -> dict | None:
 
 
 def damaged_shards(out: Path, checksums: bool = False) -> dict[int, str]:
-    """Shards of a finished cache that do not match its manifest: {k: problem}.  Sizes and
-    safetensors headers always; sha256 with ``checksums``.  An unreadable manifest names every
+    """Shards of a finished cache that do not match its manifest: {k: problem}.  Sizes,
+    safetensors headers and the fast xxh3_64 checksum (where recorded) always; sha256 with ``checksums``.  An unreadable manifest names every
     recorded shard whose progress record disagrees (the records are the truth; finalize rewrites it)."""
     try:
         shards = read_manifest(out)["shards"]
@@ -243,6 +248,8 @@ def damaged_shards(out: Path, checksums: bool = False) -> dict[int, str]:
                 continue
             if checksums and file_sha256(file) != shard["sha256"]:
                 problems[k] = f"{shard['file']} does not match its sha256"
+            elif problem := shard_checksum_problem(out, shard):
+                problems[k] = problem
     return problems
 
 
@@ -292,6 +299,7 @@ def finalize(out: Path, plan: dict, num_shards: int) -> dict:
         "latent_shape": plan["latent_shape"],
         "features": plan["features"],
         **({"teachers": plan["teachers"]} if "teachers" in plan else {}),  # REPA teacher features (ahpa extract --teacher)
+        **({"projection": manifest_record(out, plan["projection"])} if "projection" in plan else {}),
         "bytes_per_image": plan["bytes_per_image"],
         "latent_stats": {"mean": mean.tolist(), "std": std.tolist()},
         "labels": {"num_classes": len(classes), "classes": classes,
@@ -305,7 +313,7 @@ def finalize(out: Path, plan: dict, num_shards: int) -> dict:
         },
         "order_seed": plan["order_seed"],
         "shard_size": plan["shard_size"],
-        "shards": [{k: r[k] for k in ("file", "count", "bytes", "sha256")} for r in records if r["count"]],
+        "shards": [{k: r[k] for k in ("file", "count", "bytes", "sha256", "xxh3_64") if k in r} for r in records if r["count"]],
     }
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
@@ -330,14 +338,16 @@ def extract_cache(
     teacher=None,
     checksums: bool = False,
     images: ImageFolderDataset | None = None,
+    projection: ProjectionSpec | None = None,
 ) -> dict | None:
     """Extract (or resume extracting) this rank's shards; returns the manifest once the cache is complete.
 
     ``stop_after``: return after this many encoder batches, as if killed (tests).
     ``teacher``: a frozen teacher from :func:`ahpa.build.build_teacher` whose features are stored as its
     group (``teacher.group``: "dinov2" or "inception").
-    Returns None while shards of other ranks are still pending.
-    A finished cache is checked against its manifest (sizes and headers; ``checksums``:
+    ``projection``: store ``P norm(F)`` (docs/projected-caches.md); the projection is fitted first, into
+    ``out/projection.safetensors``.  Returns None while shards of other ranks are still pending.
+    A finished cache is checked against its manifest (sizes, headers and xxh3_64; ``checksums``:
     also sha256) and exactly its damaged shards are redone.
     """
     if shard_size < 1 or batch_size < 1:
@@ -346,7 +356,9 @@ def extract_cache(
         raise AhpaError(f"rank {rank} is outside world size {world}")
     out = Path(out)
     images = images if images is not None else ImageFolderDataset(image_dir, resolution)  # or COCO's (data/coco.py)
-    plan = _plan(images, prior, resolution, dtype, flip_both, shard_size, order_seed, teacher)
+    if projection is not None and teacher is not None:
+        raise AhpaError("--project projects the VAE groups only; extract the teacher's features into a cache without --project")
+    plan = _plan(images, prior, resolution, dtype, flip_both, shard_size, order_seed, teacher, projection)
     if not (out / PLAN).is_file():  # a new cache: refuse one that cannot be written before creating anything
         check_output_dir(out, "--out", need_bytes=len(images) * plan["bytes_per_image"])
     for sub in ("shards", "progress"):
@@ -354,12 +366,19 @@ def extract_cache(
     if world == 1:  # plan and manifest have one writer only in a single-process run
         remove_stale_temps(out / PLAN)
         remove_stale_temps(out / MANIFEST)
+        remove_stale_temps(out / PROJECTION_FILE)
     _load_plan(out, plan)
     if (out / MANIFEST).is_file():
         damaged = damaged_shards(out, checksums)
+        if -1 not in damaged and (problem := projection_problem(out, read_manifest(out))):  # refit: same images, same bytes
+            print(f"ahpa extract: {problem}; fitting it again")
+            (out / PROJECTION_FILE).unlink(missing_ok=True)
+            prepare_projection(out, projection, images, prior, batch_size, progress)
+            if projection_problem(out, read_manifest(out)):
+                raise AhpaError(f"'{out}': the refitted projection differs from the recorded one (other hardware?); extract into a new --out")
         if not damaged:
             if progress:
-                print(f"ahpa extract: '{out}' is already complete ({'sha256' if checksums else 'sizes and headers'} checked)")
+                print(f"ahpa extract: '{out}' is already complete ({'sha256' if checksums else 'sizes, headers and xxh3_64'} checked)")
             return read_manifest(out)
         print(f"ahpa extract: {len(damaged)} shard(s) of '{out}' are damaged ({next(iter(damaged.values()))}); redoing exactly those")
         for k in damaged:  # the shard is no longer recorded as done; the manifest (commit point) is rewritten at the end
@@ -383,6 +402,7 @@ def extract_cache(
     if needed > free:
         raise AhpaError(f"the cache needs {needed / 2**30:.2f} GiB more but only {free / 2**30:.2f} GiB are free at '{out}'; free space or use --dtype int8")
 
+    fitted = prepare_projection(out, projection, images, prior, batch_size, progress) if projection and todo else None
     batches = [(k, shards[k][i : i + batch_size].tolist(), i + batch_size >= len(shards[k])) for k in todo for i in range(0, len(shards[k]), batch_size)]
     loader = DataLoader(_Decoded(images), batch_sampler=[b for _, b, _ in batches], collate_fn=list, num_workers=workers)
     bar = tqdm(total=sum(len(shards[k]) for k in todo), unit="img", desc=f"extract rank {rank}", disable=not progress, smoothing=0.05)
@@ -392,7 +412,7 @@ def extract_cache(
     try:
         for (k, _, last), results in zip(batches, loader):
             buffer = buffer or _ShardBuffer(len(shards[k]))
-            _encode(prior, results, buffer, dtype, flip_both, teacher)
+            _encode(prior, results, buffer, dtype, flip_both, teacher, fitted)
             bar.update(len(results))
             encoded += 1
             if last:

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from ahpa.align.objective import AlignmentObjective
 from ahpa.build import build_backbone, build_objective, build_source, build_transport
 from ahpa.config import TEACHER_GROUPS, load_config
+from ahpa.data.projection import target_normalization
 from ahpa.data.sampler import step_generator
 from ahpa.errors import AhpaError
 from ahpa.io import atomic_open, write_json_atomic
@@ -125,7 +126,7 @@ def _static_objective(kind: str, keys: list[str], shapes: dict, base_cfg, sit):
     a = base_cfg.align
     depths = list(a.depths) or [sit.default_alignment_depth]
     return AlignmentObjective(sit.hidden_size, sit.grid, {k: shapes[k] for k in keys}, depths, router=kind, head=a.head,
-                              loss=a.loss, weight=a.weight, normalize=base_cfg.prior.normalize)
+                              loss=a.loss, weight=a.weight, normalize=target_normalization(base_cfg))
 
 
 # ---------------------------------------------------------------------- command

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ahpa.align.normalize import normalize_features
 from ahpa.build import build_source
 from ahpa.config import load_config
+from ahpa.data.projection import target_normalization
 from ahpa.errors import AhpaError
 from ahpa.io import write_text_atomic
 from ahpa.runs import load_backbone
@@ -142,8 +143,8 @@ def hidden_states(model, x0: torch.Tensor, y: torch.Tensor, t: float, depth: int
 def measure(config: str, overrides: list[str], ckpt: str | None = None, max_images: int = 800, t_grid=T_GRID) -> dict:
     cfg = load_config(config, overrides)
     x0, y, feats = config_features(cfg, None)
-    targets = targets_of(feats, cfg.prior.normalize)
-    result = {"config": config, "overrides": overrides, "model": cfg.model.name, "normalize": cfg.prior.normalize,
+    targets = targets_of(feats, target_normalization(cfg))
+    result = {"config": config, "overrides": overrides, "model": cfg.model.name, "normalize": target_normalization(cfg),
               "grid": int(next(iter(feats.values())).shape[-1]), "images": len(y),
               "position": {k: position_predictability(v) for k, v in targets.items()}}
     if ckpt:
@@ -154,7 +155,7 @@ def measure(config: str, overrides: list[str], ckpt: str | None = None, max_imag
         result["probe"] = {"ckpt": ckpt, "depth": depth, "images": n, "per_t": {}}
         for t in t_grid:
             h = hidden_states(model, x0[perm], y[perm], t, depth)
-            result["probe"]["per_t"][str(t)] = probe_predictability(h, {g: f[perm] for g, f in feats.items()}, cfg.prior.normalize)
+            result["probe"]["per_t"][str(t)] = probe_predictability(h, {g: f[perm] for g, f in feats.items()}, target_normalization(cfg))
     return result
 
 
