@@ -179,3 +179,30 @@ def test_seeds_for_power_matches_the_published_one_sample_t_table():
     assert seeds_for_power(1.0, 0.5) == 34
     assert seeds_for_power(2.0, 1.6) == 15  # only the ratio delta / sd matters
     assert seeds_for_power(0.22 * 2 ** 0.5, 1.0) == 4  # the positive-control toy: cFID difference 1 at step 1600
+
+
+def test_steps_to_reach_interpolates_between_milestones_and_the_speedup_section():
+    from types import SimpleNamespace
+
+    from ahpa.study.results import results_markdown, steps_to_reach
+
+    # cFID 20 -> 8 between steps 100 and 200 crosses 10 at 100 + 100 * (10 - 20) / (8 - 20) = 183.33
+    assert steps_to_reach([(200, 8.0), (100, 20.0), (300, 6.0)], 10.0, lower_better=True) == pytest.approx(100 + 100 * 10 / 12)
+    assert steps_to_reach([(100, 9.0), (200, 8.0)], 10.0, lower_better=True) == 100.0  # already there: the first milestone
+    assert steps_to_reach([(100, 12.0), (200, 11.0)], 10.0, lower_better=True) is None
+    assert steps_to_reach([(100, 0.5), (200, 0.9)], 0.8, lower_better=False) == pytest.approx(175.0)
+    rows = [{"method": m, "seed": s, "step": step, "cfid": v, "accuracy": 0.5, "num_samples": 4}
+            for m, curves in (("vanilla", {0: (20.0, 10.0), 1: (22.0, 10.0)}), ("fast", {0: (10.0, 8.0), 1: (16.0, 9.0)}),
+                              ("slow", {0: (30.0, 12.0), 1: (25.0, 10.0)}))
+            for s, vals in curves.items() for step, v in zip((100, 200), vals)]
+    study = SimpleNamespace(name="t", description="", seeds=[0, 1], samples=4, milestones=[100, 200], skipped=[],
+                            sampler={"mode": "ode", "method": "euler", "steps": 10, "cfg_scale": 1.0},
+                            reference={"kind": "digits", "split": "train"},
+                            methods=[SimpleNamespace(name=n) for n in ("vanilla", "fast", "slow")])
+    study.runs = lambda: [(m, s) for s in study.seeds for m in study.methods]
+    md = results_markdown(study, rows)
+    assert "## Steps to reach vanilla's final quality" in md and "### cfid (threshold 10.000)" in md
+    # fast: seed 0 is already there at 100 (<=100); seed 1 crosses at 100 + 100 * (10 - 16) / (9 - 16) = 185.7
+    assert "| fast | <=100, 186 | 143 ± 545 | 1.40x | 0 |" in md
+    assert "| slow | >200, 200 | 200 | 1.00x | 1 |" in md
+    assert "| vanilla | 200, 200 | 200 ± 0 | 1.00x [1.00, 1.00] | 0 |" in md

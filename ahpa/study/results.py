@@ -93,6 +93,67 @@ def seeds_for_power(sd_diff: float, delta: float, power: float = 0.8, alpha: flo
     raise AhpaError(f"no study of fewer than 10000 seeds detects a difference of {delta} at sd {sd_diff}")
 
 
+LOWER_IS_BETTER = {"cfid", "fid", "sfid"}
+
+
+def steps_to_reach(points: list[tuple[int, float]], threshold: float, lower_better: bool) -> float | None:
+    """The first training step at which a run's metric reaches ``threshold``: linear interpolation between the two
+    milestones that bracket the crossing; the first milestone itself when it is already there (a bound: the
+    crossing lies at or before it); None when no milestone reaches it."""
+    points = sorted(points)
+    ok = [(v <= threshold) if lower_better else (v >= threshold) for _, v in points]
+    for i, (step, value) in enumerate(points):
+        if not ok[i]:
+            continue
+        if i == 0:
+            return float(step)
+        (s0, v0), (s1, v1) = points[i - 1], (step, value)
+        return s0 + (s1 - s0) * (threshold - v0) / (v1 - v0)
+    return None
+
+
+def _speedup_section(study: Study, rows: list[dict]) -> list[str]:
+    """The paper's form of a speed-up (Table 3, Fig. 1): the steps each method needs to reach the first method's final
+    quality (its mean over seeds at the last milestone), per seed, and last milestone / those steps."""
+    if len(study.methods) < 2 or len(study.milestones) < 2:
+        return []
+    base, last = study.methods[0].name, study.milestones[-1]
+    lines = [f"## Steps to reach {base}'s final quality (the paper's speed-up)", "",
+             f"Per seed, the step at which the method's metric reaches {base}'s mean at {last:,} steps (linear between "
+             f"milestones; `<=` the first milestone when it is already there); mean ± 95% half-width over seeds; speed-up = "
+             f"{last:,} / mean steps, its interval from the steps' interval. Seeds that never reach it are counted apart.", ""]
+    for metric in primary_metrics(study):
+        final = [r[metric] for r in rows if r["method"] == base and r["step"] == last and r.get(metric) is not None]
+        if not final:
+            continue
+        threshold = float(np.mean(final))
+        lines += [f"### {metric} (threshold {threshold:.3f})", "", "| method | steps (per seed) | mean steps | speed-up | not reached |",
+                  "|---|---|---|---|---|"]
+        for method in study.methods:
+            reached, never, cells = [], 0, []
+            for seed in study.seeds:
+                pts = [(r["step"], r[metric]) for r in rows if r["method"] == method.name and r["seed"] == seed and r.get(metric) is not None]
+                if not pts:
+                    continue
+                at = steps_to_reach(pts, threshold, metric in LOWER_IS_BETTER)
+                if at is None:
+                    never += 1
+                    cells.append(f">{last:,}")
+                else:
+                    reached.append(at)
+                    cells.append(("<=" if at == min(p for p, _ in pts) else "") + f"{at:,.0f}")
+            mean, half, n = mean_interval(reached)
+            if n:
+                lo, hi = mean - half, mean + half
+                speed = f"{last / mean:.2f}x" + (f" [{last / hi:.2f}, {last / lo:.2f}]" if n > 1 and lo > 0 else "")
+                lines.append(f"| {method.name} | {', '.join(cells)} | {mean:,.0f}" + (f" ± {half:,.0f}" if n > 1 else "")
+                             + f" | {speed} | {never} |")
+            else:
+                lines.append(f"| {method.name} | {', '.join(cells)} | — | — | {never} |")
+        lines.append("")
+    return lines
+
+
 def _paired_section(study: Study, rows: list[dict]) -> list[str]:
     """Per-seed differences from the first method, for studies with two seeds or more."""
     if len(study.seeds) < 2 or len(study.methods) < 2:
@@ -152,6 +213,7 @@ def results_markdown(study: Study, rows: list[dict]) -> str:
                 lines.append(f"| {method.name} | " + " | ".join(_cell([r.get(k) for r in group], 2) for k in router_keys) + " |")
         lines.append("")
     lines += _paired_section(study, rows)
+    lines += _speedup_section(study, rows)
     missing = [f"{m.name} seed {s}" for m, s in study.runs() if not any(r["method"] == m.name and r["seed"] == s and r["step"] == study.milestones[-1] for r in rows)]
     notes = [f"- {m.name}: {m.note}" for m in study.skipped] + ([f"- unfinished runs: {', '.join(missing)} (rerun the study to continue)"] if missing else [])
     if notes:
