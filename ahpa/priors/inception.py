@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ahpa.config import INCEPTION_GROUP
 from ahpa.errors import AhpaError
 
 # Upward import, on purpose: the teacher IS the evaluator's network (the same file, loader and resize), so
@@ -91,6 +92,8 @@ class InceptionTeacher(nn.Module):
         network: an already loaded :class:`ahpa.evaluation.inception.InceptionFeatures` (tests);
             default: :func:`load_offline_inception`.
     """
+
+    group = INCEPTION_GROUP  # its features' group name in PriorOutput.features, caches and configs
 
     def __init__(self, layer: str = DEFAULT_LAYER, grid: int = 8, quantize: bool = True, network=None):
         super().__init__()
