@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ahpa import preemption
 from ahpa.build import build_prior, build_teacher, build_vae, latent_geometry
 from ahpa.config import CHOICES, INCEPTION_GROUP, LATENT_GROUP, TEACHER_GROUP, TEACHER_GROUPS, Config, load_config
 from ahpa.data.cache import read_manifest, verify_cache
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     projection = ProjectionSpec.parse(args.project, images=args.pca_images, seed=args.project_seed, normalize=cfg.prior.normalize,
                                       normalize_alpha=cfg.prior.normalize_alpha) if args.project else None
     # one writer per rank of a world size (ranks write disjoint shards); io.RunLock
-    with RunLock(args.out, "ahpa extract", name=LOCK_FILE if world == 1 else f"{LOCK_FILE}.rank{rank}-of-{world}") as lock:
+    # SIGTERM/SIGUSR1: stop after the shard in flight is written, exit 75 (ahpa/preemption.py)
+    with preemption.handlers(), RunLock(args.out, "ahpa extract", name=LOCK_FILE if world == 1 else f"{LOCK_FILE}.rank{rank}-of-{world}") as lock:
         if lock_message(lock):
             print(lock_message(lock))
         manifest = extract_cache(

@@ -31,7 +31,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from ahpa.build import build_backbone, build_objective, build_source, build_transport, is_text_to_image
+from ahpa import preemption
+from ahpa.build import build_backbone, build_objective, build_source, build_transport, is_text_to_image, weights_meta
 from ahpa.checkpointing import latest_checkpoint, load_checkpoint, resume_from_latest, save_checkpoint
 from ahpa.config import Config, load_config, save_config, to_dict
 from ahpa.data.sampler import step_generator
@@ -135,15 +136,9 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.wandb_run = None
-        self.meta = {
-            "model": cfg.model.name, "input_size": latent_size, "in_channels": latent_channels,
-            "num_classes": cfg.model.num_classes, "learn_sigma": cfg.model.learn_sigma, "vae": cfg.vae.path,
-            "scaling_factor": self.source.latent_scale_scalar, "latent_shift": self.source.latent_shift_list,
-            "latent_scale": self.source.latent_scale_list, "time_convention": "repa", "path": cfg.transport.path,
-        }
-        if self.text:
-            self.meta |= {"num_classes": 0, "learn_sigma": False, "text_encoder": cfg.text.encoder,
-                          "context_tokens": self.sit.context_tokens, "context_dim": self.sit.context_dim}
+        context = {"context_tokens": self.sit.context_tokens, "context_dim": self.sit.context_dim} if self.text else None
+        # what sampling needs, in every weights file's metadata (build.weights_meta)
+        self.meta = weights_meta(cfg, (latent_channels, latent_size), (self.source.scale, self.source.shift), context=context)
         self._check_disk_space()
         self.resumes: list[dict] = []
         nonfinite_skipped = 0
@@ -169,6 +164,7 @@ class Trainer:
                 raise AhpaError(f"train.init_from is at step {self.step}, train.steps={cfg.train.steps} leaves nothing to train; set train.steps > {self.step} (the total count)")
             acc.print(note)
 
+        self._vote = self._stop_vote_reduce()
         self.guard = NonFiniteGuard(self.device, skipped=nonfinite_skipped,
                                     reduce=(lambda x: acc.reduce(x, reduction="sum")) if self.world > 1 else None)
         self.source.start(self.step)
@@ -185,6 +181,22 @@ class Trainer:
                 if sub.is_dir():
                     remove_temps_in(sub)
         return lock
+
+    def _stop_vote_reduce(self):
+        """The preemption stop vote (ahpa/preemption.py): a sum over ranks of one int per step, on the CPU over gloo
+        (a second, gloo group beside NCCL), so it adds no GPU synchronisation; None for one process."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+        def reduce(value: int) -> int:
+            flag = torch.tensor([value], dtype=torch.int32)
+            dist.all_reduce(flag, group=group)
+            return int(flag.item())
+
+        return reduce
 
     def _check_disk_space(self) -> None:
         """One checkpoint (model + EMA + AdamW moments + objective, float32) must fit before training starts."""
@@ -319,8 +331,12 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (self.show_progress and acc.is_main_process), desc="train", dynamic_ncols=True)
         self.prepared.train()
         running = []
-        stopped_early = False
+        stopped_early = preempted = False
         while self.step < cfg.train.steps:
+            # preemption (SIGTERM/SIGUSR1): all ranks agree to stop before the next step; the one in flight finished
+            if preemption.stop_vote(preemption.requested() is not None, self._vote):
+                preempted = True
+                break
             batch = self.source.next_batch()
             x0, t, eps, drop = self._draws(self.step, batch)
             if self.objective is not None:
@@ -328,6 +344,8 @@ class Trainer:
             with acc.autocast():
                 loss, loss_diff, loss_align = self.forward(x0, batch["y"], t, eps, drop, batch.get("features"))
             acc.backward(loss)
+            if acc.is_main_process:
+                preemption.send_test_signal(self.step + 1)  # tests: a signal in the middle of this step
             # the total norm (a device tensor) also tells the guard whether any gradient is NaN/Inf (nonfinite.py)
             grad_norm = acc.clip_grad_norm_(self.module.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
             found_inf = self.guard.check(loss, grad_norm)
@@ -359,6 +377,15 @@ class Trainer:
             self._log(running, writer, bar, time.perf_counter() - t_start)
         saved = latest_checkpoint(self.out)
         ckpt = saved if saved is not None and saved.name == f"{self.step:07d}" else self.save()
+        if preempted:  # a checkpoint of the last finished step is written (a second signal only set the flag again)
+            if writer is not None:
+                writer.close()
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
+            where = ckpt or latest_checkpoint(self.out) or f"{self.out}/checkpoints/{self.step:07d}"
+            sig = preemption.requested()
+            raise preemption.Preempted(f"stopped on {sig.name if sig else 'a stop signal to another rank'} at step {self.step}; checkpoint {where}; "
+                                       "rerun the same command to resume")
         if acc.is_main_process:
             self.save_sample_grid(self.out / "samples.png")
             writer.close()
@@ -436,7 +463,8 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.out:
         cfg.train.out = args.out
-    metrics = Trainer(cfg, resume=not args.no_resume).run()
+    with preemption.handlers():  # SIGTERM/SIGUSR1: finish the step, checkpoint it, exit 75
+        metrics = Trainer(cfg, resume=not args.no_resume).run()
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))
     return 0
 

@@ -33,6 +33,7 @@ from ahpa.config import LATENT_GROUP, Config
 from ahpa.data.cache import CacheDataset, check_compatible
 from ahpa.data.sampler import ResumableSampler, step_generator
 from ahpa.errors import AhpaError
+from ahpa.preemption import ignore_in_worker
 from ahpa.priors.base import PriorOutput, denormalize_latent, normalize_latent
 from ahpa.priors.latent import add_latent_target
 
@@ -176,6 +177,7 @@ def _loader(dataset, sampler: ResumableSampler, cfg: Config, device) -> torch.ut
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, pin_memory=torch.device(device).type == "cuda",
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_in_worker if workers > 0 else None,  # preemption: the main process decides
     )
 
 

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ahpa import __version__
+from ahpa import __version__, preemption
 from ahpa.data.cache import (
     FORMAT,
     FORMAT_VERSION,
@@ -404,7 +404,8 @@ def extract_cache(
 
     fitted = prepare_projection(out, projection, images, prior, batch_size, progress) if projection and todo else None
     batches = [(k, shards[k][i : i + batch_size].tolist(), i + batch_size >= len(shards[k])) for k in todo for i in range(0, len(shards[k]), batch_size)]
-    loader = DataLoader(_Decoded(images), batch_sampler=[b for _, b, _ in batches], collate_fn=list, num_workers=workers)
+    loader = DataLoader(_Decoded(images), batch_sampler=[b for _, b, _ in batches], collate_fn=list, num_workers=workers,
+                        worker_init_fn=preemption.ignore_in_worker if workers else None)
     bar = tqdm(total=sum(len(shards[k]) for k in todo), unit="img", desc=f"extract rank {rank}", disable=not progress, smoothing=0.05)
     # One shard is written (fsync, sha256) in a thread while the next is encoded.
     writer, writing = ThreadPoolExecutor(max_workers=1), None
@@ -419,6 +420,10 @@ def extract_cache(
                 if writing is not None:
                     writing.result()
                 writing, buffer = writer.submit(_commit, buffer, out, k, images.root), None
+                if preemption.requested() is not None:  # SIGTERM/SIGUSR1: stop at this shard boundary, it is written
+                    writing, _ = None, writing.result()
+                    written = sum(_done(out, j) is not None for j in range(len(shards)))
+                    preemption.check(f"{written} of {len(shards)} shards of {out} are written; rerun the same command to continue")
             if stop_after is not None and encoded >= stop_after:
                 return None
     finally:

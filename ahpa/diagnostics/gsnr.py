@@ -45,6 +45,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
+from ahpa import preemption
 from ahpa.align.objective import AlignmentObjective
 from ahpa.build import build_backbone, build_objective, build_source, build_transport
 from ahpa.config import TEACHER_GROUPS, load_config
@@ -378,7 +379,23 @@ def run_gsnr(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     bar = tqdm(total=len(run.t_values) * len(run.targets), desc="gsnr", disable=args.quiet, dynamic_ncols=True)
     bar.update(sum(len(v) for v in done.values()))
+    with preemption.handlers():  # SIGTERM/SIGUSR1: stop after the t in flight (its points are written), exit 75
+        _probe_points(run, args, done, key, progress_path, bar)
+    bar.close()
+    records = [r for k in range(len(run.t_values)) for r in done[str(k)]]
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    summary = _write_outputs(out, info, records)
+    progress_path.unlink(missing_ok=True)
+    print(format_summary(summary))
+    print(f"wrote {out}/gsnr.json, gsnr.csv, gsnr.png")
+    return 0
+
+
+def _probe_points(run: GSNRRun, args, done: dict, key: str, progress_path: Path, bar) -> None:
+    """The points of every t not yet in ``done``, recorded after each t in ``progress_path``."""
     for k, t in enumerate(run.t_values):
+        preemption.check(f"{len(done)} of {len(run.t_values)} t values are recorded in {progress_path}; "
+                         "rerun the same command to continue")
         if str(k) in done and len(done[str(k)]) == len(run.targets):
             continue
         batch = run.batch(k, t)
@@ -390,14 +407,6 @@ def run_gsnr(args: argparse.Namespace) -> int:
             bar.update(1)
         done[str(k)] = point
         write_json_atomic(progress_path, {"key": key, "points": done})  # a killed run resumes per t
-    bar.close()
-    records = [r for k in range(len(run.t_values)) for r in done[str(k)]]
-    info["seconds"] = round(time.perf_counter() - t0, 2)
-    summary = _write_outputs(out, info, records)
-    progress_path.unlink(missing_ok=True)
-    print(format_summary(summary))
-    print(f"wrote {out}/gsnr.json, gsnr.csv, gsnr.png")
-    return 0
 
 
 def format_summary(summary: dict) -> str:

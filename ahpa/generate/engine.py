@@ -26,6 +26,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ahpa import preemption
 from ahpa.errors import AhpaError
 from ahpa.evaluation.npz import save_npz_atomic, to_uint8
 from ahpa.generate.conditions import ClassCondition, Condition
@@ -204,6 +205,9 @@ def generate_samples(model: nn.Module, meta: dict, decode_fn: Callable[[Tensor],
     forward = speed_wrapped(model, precision, compile)
     bar = tqdm(total=len(todo), desc=f"sampling (rank {rank})", unit="img", disable=rank != 0)
     for start in range(0, len(todo), batch):
+        # SIGTERM/SIGUSR1 (ahpa/preemption.py): stop between batches; the written parts are kept and resumed
+        preemption.check(f"{len(done) + start} of {num} samples are in {parts_dir}" + (f" (rank {rank})" if world > 1 else "")
+                         + "; rerun the same command to continue")
         indices = todo[start : start + batch]
         y, arrays = condition.batch(indices, device)
         noise = noise_for_indices(indices, seed, shape, device)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ahpa import preemption
 from ahpa.errors import AhpaError
 from ahpa.io import write_text_atomic
 from ahpa.study.results import collect, write_results
@@ -59,7 +60,19 @@ def _run_jobs(study: Study, out: Path, jobs: int, study_arg: list[str]) -> None:
     failed = []
     (out / "logs").mkdir(parents=True, exist_ok=True)
     slots = list(range(jobs))
+    stopped: list[str] = []  # runs told to stop by a forwarded SIGTERM/SIGUSR1 (ahpa/preemption.py)
+    forwarded = None
     while pending or running:
+        sig = preemption.requested()
+        if sig is not None and forwarded is None:  # forward the signal to every run; start no more
+            forwarded = sig
+            for child, child_name, _ in running:
+                child.send_signal(sig)
+            print(f"[study] {sig.name}: stopping {len(running)} run(s) at their next checkpoint; "
+                  f"{len(pending)} not started", flush=True)
+            pending.clear()
+            if not running:
+                break
         while pending and slots:
             name, slot = pending.pop(0), slots.pop(0)
             env = dict(os.environ)
@@ -79,14 +92,22 @@ def _run_jobs(study: Study, out: Path, jobs: int, study_arg: list[str]) -> None:
                 break
         else:
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 continue
         running.remove((proc, name, slot))
         slots.append(slot)
+        if forwarded is not None and proc.returncode == preemption.EXIT_PREEMPTED:
+            stopped.append(name)
+            print(f"[study] {name} stopped (its checkpoint is saved)", flush=True)
+            continue
         if proc.returncode:
             failed.append(name)
         print(f"[study] {name} {'failed (see its log)' if proc.returncode else 'finished'}", flush=True)
+    if forwarded is not None:
+        raise preemption.Preempted(f"stopped on {forwarded.name}: {len(stopped)} run(s) saved and stopped"
+                                   + (f", {len(failed)} failed ({', '.join(failed)}; see {out / 'logs'})" if failed else "")
+                                   + "; rerun the same study command to continue")
     if failed:
         raise AhpaError(f"runs failed: {', '.join(failed)}; see {out / 'logs'}; rerun the study to continue them")
 
@@ -119,14 +140,15 @@ def run(args: argparse.Namespace) -> int:
         raise AhpaError(f"--run {args.run} is not a run of this study; runs: {', '.join(names)}")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "study.yaml", yaml.safe_dump(study.raw, sort_keys=False))
-    if args.run:
-        run_one(study, *names[args.run], out)
-        return 0
-    if args.jobs > 1:
-        _run_jobs(study, out, args.jobs, study_arg)
-    else:
-        for method, seed in study.runs():
-            run_one(study, method, seed, out, log=lambda msg: print(msg, flush=True))
+    with preemption.handlers():  # SIGTERM/SIGUSR1: every run stops at its next checkpoint / unit, exit 75
+        if args.run:
+            run_one(study, *names[args.run], out)
+            return 0
+        if args.jobs > 1:
+            _run_jobs(study, out, args.jobs, study_arg)
+        else:
+            for method, seed in study.runs():
+                run_one(study, method, seed, out, log=lambda msg: print(msg, flush=True))
     rows = collect(study, out)
     write_results(study, out, rows)
     print(f"[study] wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'fid_vs_steps.png'}")
