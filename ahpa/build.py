@@ -49,7 +49,7 @@ from ahpa.priors.inception import CHANNELS as INCEPTION_CHANNELS
 from ahpa.priors.inception import InceptionTeacher
 from ahpa.priors.latent import latent_group_shape
 from ahpa.priors.text import CLIP_L14_TEXT, load_clip_text_encoder
-from ahpa.priors.vae import TINY_VAE_DIR, load_vae, vae_downsample_factor, vae_scaling_factor, vae_shift_factor
+from ahpa.priors.vae import TINY_VAE_DIR, load_vae, vae_downsample_factor, vae_scaling_factor, vae_shift_factor, vae_weights_sha256
 from ahpa.transport import Transport
 
 
@@ -95,8 +95,18 @@ def teacher_identity(cfg: Config, group: str, grid: int) -> dict:
 
 
 def latent_geometry(cfg: Config, vae: AutoencoderKL, resolution: int | None = None) -> tuple[tuple[int, int, int], int]:
-    """((C, h, w) of the diffusion input, token-grid side) at ``data.resolution`` (or ``resolution``)."""
-    side = (resolution or cfg.data.resolution) // vae_downsample_factor(vae)
+    """((C, h, w) of the diffusion input, token-grid side) at ``data.resolution`` (or ``resolution``).
+
+    A resolution that the VAE's downsampling and the patch size cannot represent exactly (the image would be
+    cropped silently, e.g. 33 with the tiny VAE) is refused, naming the nearest valid values."""
+    res, factor, patch = resolution or cfg.data.resolution, vae_downsample_factor(vae), patch_size(cfg.model.name)
+    step = factor * patch
+    if res % step:
+        below, above = res // step * step, (res // step + 1) * step
+        valid = f"{below} or {above}" if below else f"{above}"
+        raise AhpaError(f"data.resolution={res} is not a multiple of {step} (the VAE downsamples by {factor}, {cfg.model.name} "
+                        f"has patch size {patch}): it would be cropped silently; use {valid}")
+    side = res // factor
     return (vae.config.latent_channels, side, side), side // patch_size(cfg.model.name)
 
 
@@ -262,6 +272,30 @@ def latent_normalisation(cfg: Config, vae: AutoencoderKL):
     scale = cfg.vae.scaling_factor or vae_scaling_factor(vae)
     shift = vae_shift_factor(vae)
     return scale, torch.full((vae.config.latent_channels,), shift) if shift else 0.0
+
+
+def weights_meta(cfg: Config, latent_shape, normalisation, *, context: dict | None = None) -> dict:
+    """What sampling needs, carried by every weights file ahpa writes (``model.safetensors``, ``ema.safetensors``,
+    exported weights) as the json ``ahpa_meta`` entry of its safetensors metadata: the model and its shape
+    arguments, the latent normalisation (``scaling_factor``, or per-channel ``latent_scale``/``latent_shift``),
+    the VAE (``vae``: the config's vae.path; ``vae_sha256``: its weights file's sha256 when the VAE is on this
+    machine), the conditioning (``num_classes``, or an MMDiT's ``text_encoder`` / ``context_tokens`` /
+    ``context_dim`` from ``context``) and the transport's time convention and path.
+
+    ``latent_shape``: (C, h, w) of the diffusion input; ``normalisation``: (scale, shift) as the data source
+    applies them (a float, or a per-channel tensor)."""
+    scale, shift = normalisation
+    per_channel = isinstance(scale, torch.Tensor)
+    meta = {
+        "model": cfg.model.name, "input_size": int(latent_shape[1]), "in_channels": int(latent_shape[0]),
+        "num_classes": cfg.model.num_classes, "learn_sigma": cfg.model.learn_sigma, "vae": cfg.vae.path,
+        "scaling_factor": None if per_channel else float(scale),
+        "latent_shift": shift.tolist() if isinstance(shift, torch.Tensor) else None,
+        "latent_scale": scale.tolist() if per_channel else None, "time_convention": "repa", "path": cfg.transport.path,
+    }
+    if is_text_to_image(cfg):
+        meta |= {"num_classes": 0, "learn_sigma": False, "text_encoder": cfg.text.encoder, **(context or {})}
+    return meta | {"latent_norm": cfg.vae.latent_norm, "vae_sha256": vae_weights_sha256(cfg.vae.path)}
 
 
 def _encoders(cfg: Config, device, teacher: bool = True, on_the_fly: bool = False):

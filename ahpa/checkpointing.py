@@ -4,7 +4,7 @@ Layout (one directory per saved step)::
 
     RUN/checkpoints/0050000/
         ema.safetensors        EMA SiT weights + meta: all that sampling needs (the export)
-        model.safetensors      online SiT weights
+        model.safetensors      online SiT weights + the same meta (build.weights_meta)
         objective.safetensors  router + projection head(s) (absent for vanilla)
         optimizer.pt           AdamW state (loaded with weights_only=True)
         rng.pt                 per-rank RNG states
@@ -37,7 +37,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ahpa.errors import AhpaError
+from ahpa.errors import AhpaError, disk_full
 from ahpa.io import atomic_dir, file_sha256, remove_stale_temps, write_text_atomic
 
 MANIFEST = "manifest.json"
@@ -93,8 +93,9 @@ def save_checkpoint(
     try:
         # overwrite: the same step saved again (e.g. final save after a periodic one)
         with atomic_dir(final, overwrite=True) as tmp:
+            # both weights files carry what sampling needs (build.weights_meta): either one samples on its own
             save_file(_state_dict_for_safetensors(ema), tmp / "ema.safetensors", metadata={"ahpa_meta": json.dumps(meta)})
-            save_file(_state_dict_for_safetensors(model), tmp / "model.safetensors")
+            save_file(_state_dict_for_safetensors(model), tmp / "model.safetensors", metadata={"ahpa_meta": json.dumps(meta)})
             if objective is not None and len(objective.state_dict()) > 0:
                 save_file(_state_dict_for_safetensors(objective), tmp / "objective.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -105,8 +106,11 @@ def save_checkpoint(
             manifest = {"format": MANIFEST_FORMAT, "step": step, "finite": True, "files": files}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # last: the commit point
         write_text_atomic(root / "latest", final.name + "\n")
-    except OSError as err:  # ENOSPC, EDQUOT, EROFS...: the atomic write left the previous checkpoint intact
-        raise AhpaError(f"could not write checkpoint {final} ({err.strerror or err}); the previous checkpoint "
+    except Exception as err:  # ENOSPC, EDQUOT, EROFS... (a full disk in any library's error type, errors.disk_full):
+        if not isinstance(err, OSError) and not disk_full(err):  # the atomic write left the previous checkpoint intact
+            raise
+        reason = (err.strerror if isinstance(err, OSError) else None) or disk_full(err) or err
+        raise AhpaError(f"could not write checkpoint {final} ({reason}); the previous checkpoint "
                         f"({latest_checkpoint(run_dir) or 'none'}) is intact. Free space, then rerun to resume") from None
     _prune(root, keep_last)
     return final

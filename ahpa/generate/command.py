@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import ahpa.priors.vae as vaes  # by module: tests replace vaes.load_vae
+from ahpa import preemption
 from ahpa.errors import AhpaError
 from ahpa.generate.conditions import ClassCondition, Condition, PromptCondition, read_prompts
 from ahpa.generate.engine import (
@@ -102,6 +103,23 @@ def image_side(vae: nn.Module, meta: dict) -> int:
     return meta["input_size"] * (vaes.vae_downsample_factor(vae) if config is not None and hasattr(config, "block_out_channels") else 8)
 
 
+def sampling_vae(requested: str | None, meta: dict, where) -> str:
+    """The VAE that decodes: the one the weights file names (build.weights_meta), else ``--vae``, else SD-VAE.
+
+    A ``--vae`` that contradicts the file's VAE is refused in one line naming both (the latents would be decoded
+    by another VAE than they were trained in); one with the same weights (sha256) under another name is fine.
+    Files written before ahpa recorded the VAE's identity (no ``vae_sha256``/``latent_norm``) take ``--vae`` as before."""
+    recorded = meta.get("vae")
+    if requested is None or recorded is None or str(requested) == str(recorded) or "latent_norm" not in meta:
+        return requested or recorded or DEFAULT_VAE
+    want = meta.get("vae_sha256")
+    if want is not None and vaes.vae_weights_sha256(requested) == want:
+        return requested
+    raise AhpaError(f"--vae {requested} contradicts the VAE {where} was trained with: {recorded}"
+                    + (f" (weights sha256 {want[:12]}...)" if want else "")
+                    + "; drop --vae (the weights file names its VAE) or pass that one")
+
+
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState  # lazy: accelerate takes a second to import; only sampling needs it
 
@@ -125,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         condition = ClassCondition(args.num_classes or meta["num_classes"])
     condition.check_guidance(model, args.cfg_scale, args.ckpt)
     model = model.to(state.device).eval()
-    meta = dict(meta, vae=args.vae or meta.get("vae") or DEFAULT_VAE)  # recorded in sampling.json
+    meta = dict(meta, vae=sampling_vae(args.vae, meta, args.ckpt))  # recorded in sampling.json
     if args.time_convention != "auto":
         meta["time_convention"] = args.time_convention
     vae = vaes.load_vae(meta["vae"], device=state.device)
@@ -133,13 +151,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     lock = lock_sample_dir(out, state, need_bytes=assembly_bytes(out, num, image_side(vae, meta), args.png))
     try:
-        if state.is_main_process:
-            source = f" ({args.prompts})" if text else ""
-            print(f"sampling {num} images{source} from {meta['model']} on {state.num_processes} process(es): {kwargs}")
-        path = generate_samples(model, meta, vae_decoder(vae), out, num, args.batch, kwargs, seed=args.seed,
-                                rank=state.process_index, world=state.num_processes, write_png=args.png,
-                                condition=condition, barrier=state.wait_for_everyone, precision=args.precision,
-                                compile=args.compile)
+        with preemption.handlers():  # SIGTERM/SIGUSR1: stop between batches, keep the parts, exit 75
+            if state.is_main_process:
+                source = f" ({args.prompts})" if text else ""
+                print(f"sampling {num} images{source} from {meta['model']} on {state.num_processes} process(es): {kwargs}")
+            path = generate_samples(model, meta, vae_decoder(vae), out, num, args.batch, kwargs, seed=args.seed,
+                                    rank=state.process_index, world=state.num_processes, write_png=args.png,
+                                    condition=condition, barrier=state.wait_for_everyone, precision=args.precision,
+                                    compile=args.compile)
     finally:
         if lock is not None:
             lock.release()

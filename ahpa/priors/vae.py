@@ -67,6 +67,39 @@ def load_vae(
     return vae.requires_grad_(False).eval().to(device=device)
 
 
+def vae_directory(path: str | os.PathLike) -> Path:
+    """The local folder ``load_vae(path)`` reads (AhpaError when it is not there)."""
+    path = str(path)
+    if path == "tiny":
+        return _diffusers_dir(TINY_VAE_DIR, "the bundled tiny VAE is missing; create it with `ahpa train-vae` or reinstall ahpa")
+    if _REPO_ID.fullmatch(path) and not os.path.exists(path):
+        return _hub_cache_dir(path)
+    return _diffusers_dir(Path(path).expanduser(), "pass a diffusers AutoencoderKL directory, a Hugging Face repo id in the local cache, or 'tiny'")
+
+
+_WEIGHTS_SHA256: dict[tuple, str] = {}
+
+
+def vae_weights_sha256(path: str | os.PathLike) -> str | None:
+    """sha256 of the VAE's weights file (``diffusion_pytorch_model.*``): its identity in a weights file's meta,
+    whatever name reached it (a repo id, a local copy).  None when the VAE is not on this machine.
+    Cached per file (size, mtime): SD-VAE's 335 MB take about a second once."""
+    from ahpa.io import file_sha256
+
+    try:
+        directory = vae_directory(path)
+    except AhpaError:
+        return None
+    file = next((directory / n for n in WEIGHT_FILES if (directory / n).is_file()), None)
+    if file is None:
+        return None
+    stat = file.resolve().stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _WEIGHTS_SHA256:
+        _WEIGHTS_SHA256[key] = file_sha256(file)
+    return _WEIGHTS_SHA256[key]
+
+
 def _config(directory: Path) -> dict:
     try:
         return json.loads((directory / "config.json").read_text())
