@@ -23,8 +23,9 @@ from contextlib import contextmanager
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later"; a requeue script tests it
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# Tests: ``AHPA_TEST_SIGTERM_AT=STEP`` makes ``ahpa train`` send itself SIGTERM when it reaches step STEP
-# (its rank 0 only), so a test interrupts a run between checkpoints deterministically, without racing a sleep.
+# Tests: ``AHPA_TEST_SIGTERM_AT=N`` makes a command send itself SIGTERM in its N-th unit of work: ``train`` during
+# step N (after its backward pass, rank 0 only), ``sample`` after its N-th batch is written, ``extract`` after its
+# N-th shard is handed to the writer; a test interrupts deterministically, without racing a sleep.
 TEST_HOOK = "AHPA_TEST_SIGTERM_AT"
 
 _received: list[int] = []
@@ -88,7 +89,7 @@ def ignore_in_worker(worker_id: int = 0) -> None:
 
 
 def send_test_signal(step: int) -> None:
-    """The test hook (:data:`TEST_HOOK`): SIGTERM to this process when it reaches ``step``."""
+    """The test hook (:data:`TEST_HOOK`): SIGTERM to this process in its ``step``-th unit of work."""
     at = os.environ.get(TEST_HOOK)
     if at and int(at) == step:
         os.kill(os.getpid(), signal.SIGTERM)

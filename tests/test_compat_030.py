@@ -9,6 +9,12 @@ Fixtures, made once with the 0.3.0 code (tag v0.3.0, commit e2b97b9):
   ``SiT-Micro/2``), batch 8, trained 2 steps by 0.3.0 and checkpointed.
 - ``fixtures/run-0.3.0-step4.json``: the sha256 of the weights 0.3.0 wrote after resuming that run to step 4,
   and its logged losses.
+
+Since issue 19 every weights file carries its sampling meta (``build.weights_meta``: ``model.safetensors`` too, and
+the VAE's sha256 and latent_norm besides 0.3.0's keys), so the files' bytes differ from 0.3.0's by their metadata.
+The tensors are compared bit for bit: each file is rewritten with the metadata 0.3.0 wrote (none for
+``model.safetensors``, the step-2 ``ahpa_meta`` for ``ema.safetensors``) and hashed; the metadata is compared
+separately (0.3.0's keys keep their values, the model and the EMA carry the same meta).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ahpa.build import build_for_shapes
 from ahpa.config import PRESETS, load_config
@@ -56,6 +64,11 @@ def test_every_shipped_config_is_in_the_fixture_or_new():
         assert sum(p.numel() for p in built.model.parameters()) > 0
 
 
+def _metadata(path: Path) -> dict | None:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
 @pytest.fixture
 def micro_sit():
     SIT_CONFIGS["SiT-Micro/2"] = {"depth": 2, "hidden_size": 32, "num_heads": 2, "patch_size": 2}
@@ -70,7 +83,14 @@ def test_a_030_checkpoint_resumes_bit_exactly(tmp_path, micro_sit):
     metrics = Trainer(cfg, show_progress=False).run()
     expected = json.loads((FIXTURES / "run-0.3.0-step4.json").read_text())
     ck = run / "checkpoints" / "0000004"
+    old = FIXTURES / "run-0.3.0" / "checkpoints" / "0000002"
     for name in ("model.safetensors", "ema.safetensors", "objective.safetensors"):
-        assert hashlib.sha256((ck / name).read_bytes()).hexdigest() == expected[name], name
+        # the tensors bit for bit: rewritten with the metadata 0.3.0 wrote (module docstring)
+        save_file(load_file(ck / name), tmp_path / name, metadata=_metadata(old / name))
+        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == expected[name], name
+    then, now = json.loads(_metadata(old / "ema.safetensors")["ahpa_meta"]), json.loads(_metadata(ck / "ema.safetensors")["ahpa_meta"])
+    assert {k: now[k] for k in then} == then  # 0.3.0's meta keys, same values
+    assert _metadata(ck / "model.safetensors") == _metadata(ck / "ema.safetensors")  # the online weights sample on their own
+    assert now["latent_norm"] == "scale" and len(now["vae_sha256"]) == 64
     got = [[r["step"], r["loss"], r["loss_diffusion"], r["loss_align"]] for r in metrics["history"]]
     assert got == expected["losses"]

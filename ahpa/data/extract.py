@@ -409,7 +409,7 @@ def extract_cache(
     bar = tqdm(total=sum(len(shards[k]) for k in todo), unit="img", desc=f"extract rank {rank}", disable=not progress, smoothing=0.05)
     # One shard is written (fsync, sha256) in a thread while the next is encoded.
     writer, writing = ThreadPoolExecutor(max_workers=1), None
-    buffer, encoded = None, 0
+    buffer, encoded, committed = None, 0, 0
     try:
         for (k, _, last), results in zip(batches, loader):
             buffer = buffer or _ShardBuffer(len(shards[k]))
@@ -420,6 +420,8 @@ def extract_cache(
                 if writing is not None:
                     writing.result()
                 writing, buffer = writer.submit(_commit, buffer, out, k, images.root), None
+                committed += 1
+                preemption.send_test_signal(committed)
                 if preemption.requested() is not None:  # SIGTERM/SIGUSR1: stop at this shard boundary, it is written
                     writing, _ = None, writing.result()
                     written = sum(_done(out, j) is not None for j in range(len(shards)))

@@ -219,6 +219,7 @@ def generate_samples(model: nn.Module, meta: dict, decode_fn: Callable[[Tensor],
         save_npz_atomic(parts_dir / f"part_{indices[0]:08d}_{len(indices)}.npz", images,
                         indices=np.asarray(indices, dtype=np.int64), **arrays)
         bar.update(len(indices))
+        preemption.send_test_signal(start // batch + 1)
     bar.close()
     note = condition.note()
     if note and rank == 0:
