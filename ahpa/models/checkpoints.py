@@ -138,7 +138,9 @@ def torch_load(path: Path) -> Mapping:
 
 
 def save_ema_safetensors(model: nn.Module, path: str | os.PathLike, meta: dict) -> None:
-    """Write ``model``'s weights (plain SiT keys) and ``meta`` as json to ``path``, atomically."""
+    """Write ``model``'s weights (plain SiT keys) and ``meta`` as json to ``path``, atomically.
+
+    ``meta``: what sampling needs, from :func:`ahpa.build.weights_meta` (the one definition all writers use)."""
     path = Path(path)
     state = {strip_prefixes(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {META_KEY: json.dumps(meta, sort_keys=True)}
