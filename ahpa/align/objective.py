@@ -155,6 +155,19 @@ class AlignmentObjective(nn.Module):
             start += L
         return out
 
+    def router_content(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """The content router's input (App. D.6): the pooled tokens of the first aligned block, detached so that the
+        target stays a target; None for the other routers."""
+        return hidden[self.depths[0]].detach().float().mean(dim=1) if self.router.uses_content else None
+
+    def predict(self, h: torch.Tensor, depth: int) -> torch.Tensor:
+        """The projection head of block ``depth`` on its hidden state ``h`` ``[B, N, D]`` -> ``[B, sum C_k, grid, grid]``."""
+        B, N, D = h.shape
+        if N != self.grid * self.grid or D != self.hidden_size:
+            raise AhpaError(f"hidden state of block {depth} is {tuple(h.shape)}, expected [B, {self.grid * self.grid}, {self.hidden_size}]")
+        x = h.transpose(1, 2).reshape(B, D, self.grid, self.grid)  # token i * grid + j -> (row i, column j)
+        return self.heads[str(depth)](x)
+
     def set_step(self, step: int) -> None:
         """The training step (for ``router_warmup_steps``); in place, so no recompilation under torch.compile."""
         self.step.fill_(float(step))
@@ -191,18 +204,14 @@ class AlignmentObjective(nn.Module):
         with fp32:
             # Content router (App. D.6): pooled tokens of the first aligned block, detached so
             # that the target stays a target and the backbone learns only through the head.
-            content = hidden[self.depths[0]].detach().float().mean(dim=1) if self.router.uses_content else None
+            content = self.router_content(hidden)
             normalized = self.normalized_features(features)
             useful = self.router_signal == "usefulness" and loss_diff is not None and torch.is_grad_enabled()
             target, gamma = self.alignment_target(features, t, content, normalized=normalized, detach_router=self.router_signal == "usefulness")
         losses, utility = [], []
         for d in self.depths:
             h = hidden[d]
-            B, N, D = h.shape
-            if N != self.grid * self.grid or D != self.hidden_size:
-                raise AhpaError(f"hidden state of block {d} is {tuple(h.shape)}, expected [B, {self.grid * self.grid}, {self.hidden_size}]")
-            x = h.transpose(1, 2).reshape(B, D, self.grid, self.grid)  # token i * grid + j -> (row i, column j)
-            pred = self.heads[str(d)](x)
+            pred = self.predict(h, d)
             losses.append(alignment_loss(pred, target, self.loss_kind))
             if useful:
                 with fp32:

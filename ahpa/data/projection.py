@@ -168,6 +168,25 @@ def pca_subset(num_images: int, n: int, seed: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64(seed)).permutation(num_images)[:n]
 
 
+def group_moments(batches, groups, normalize: str = "token", normalize_alpha: float = 0.6) -> MomentAccumulator:
+    """The PCA's moments: ``batches`` of raw features ``{g: [B, L, C, H, W]}``, normalised per layer as the
+    objective would (``prior.normalize``), accumulated for ``groups``."""
+    moments = MomentAccumulator()
+    for feats in batches:
+        moments.add({g: normalize_features(feats[g], normalize, alpha=normalize_alpha) for g in groups})
+    return moments
+
+
+@torch.no_grad()
+def subset_features(images, subset, prior, batch_size: int = 32, progress: bool = True):
+    """The prior's features of the images ``subset`` of an ImageFolderDataset, batch by batch (undecodable ones skipped)."""
+    for start in tqdm(range(0, len(subset), batch_size), desc="pca fit", disable=not progress):
+        loaded = [images.load(int(i)).item for i in subset[start : start + batch_size]]
+        ok = [item["image"] for item in loaded if item is not None]
+        if ok:
+            yield prior(torch.stack(ok).to(prior.vae.device).float() / 127.5 - 1.0).features
+
+
 @torch.no_grad()
 def fit_projection(spec: ProjectionSpec, images, prior, batch_size: int = 32, progress: bool = True) -> Projection:
     """Fit (pca) or draw (random) the projection of ``prior``'s groups; ``images``: an ImageFolderDataset."""
@@ -176,14 +195,7 @@ def fit_projection(spec: ProjectionSpec, images, prior, batch_size: int = 32, pr
         matrices = {g: random_projection(prior.group_shapes[g][1], spec.k, spec.seed + i) for i, g in enumerate(shapes)}
         return Projection(matrices, "random", spec.normalize, spec.normalize_alpha, {g: None for g in shapes})
     subset = pca_subset(len(images), spec.images, spec.seed)
-    moments = MomentAccumulator()
-    for start in tqdm(range(0, len(subset), batch_size), desc="pca fit", disable=not progress):
-        loaded = [images.load(int(i)).item for i in subset[start : start + batch_size]]
-        ok = [item["image"] for item in loaded if item is not None]
-        if ok:
-            x = torch.stack(ok).to(prior.vae.device).float() / 127.5 - 1.0
-            feats = prior(x).features
-            moments.add({g: normalize_features(feats[g], spec.normalize, alpha=spec.normalize_alpha) for g in shapes})
+    moments = group_moments(subset_features(images, subset, prior, batch_size, progress), shapes, spec.normalize, spec.normalize_alpha)
     if not moments.tokens:
         raise AhpaError("none of the PCA images could be decoded; fix the image folder or use --project random:K")
     fitted = {g: pca_from_moment(moments.sums[g], spec.k) for g in shapes}

@@ -1,8 +1,9 @@
-"""``ahpa diagnose {gsnr,router,features}``: the paper's analyses on any checkpoint (Sec. 3, 5.4; Figs. 2, 4, 5)."""
+"""``ahpa diagnose {gsnr,router,features,projection}``: the paper's analyses on any checkpoint (Sec. 3, 5.4; Figs. 2, 4, 5),
+and what a projected feature cache costs the alignment gradient (docs/projected-caches.md)."""
 
 from __future__ import annotations
 
-from ahpa.diagnostics import features, gsnr, router_command
+from ahpa.diagnostics import features, gsnr, projection_fidelity, router_command
 
 
 def register(subparsers) -> None:
@@ -17,4 +18,7 @@ def register(subparsers) -> None:
     f = sub.add_parser("features", help="PCA pictures of the pooled VAE features per layer (Fig. 4)")
     features.add_arguments(f)
     f.set_defaults(func=features.run_features)
+    j = sub.add_parser("projection", help="explained variance and alignment-gradient cosine of projected targets, per K and t")
+    projection_fidelity.add_arguments(j)
+    j.set_defaults(func=projection_fidelity.run_projection)
     p.set_defaults(func=lambda args: p.print_help() or 1)

@@ -123,6 +123,40 @@ def transfer_head(src: nn.Module | None, dst: nn.Module) -> str:
     return "trained" if same else f"trained (channels of {'+'.join(dst.groups)})"
 
 
+def t_grid(num_t: int, explicit: str | None = None) -> list[float]:
+    """The t grid of a diagnostic: the comma-separated ``explicit`` values, else ``num_t`` bin centres of (0, 1)."""
+    if explicit:
+        values = [float(v) for v in explicit.split(",") if v.strip()]
+    else:
+        if num_t < 1:
+            raise AhpaError(f"--num-t must be at least 1, got {num_t}")
+        values = [(k + 0.5) / num_t for k in range(num_t)]  # bin centres of (0, 1)
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise AhpaError(f"--t values must lie in [0, 1], got {values}")
+    return values
+
+
+def trajectory_batch(source, cfg, n: int, seed: int, k: int, t: float, device, feature_source=None) -> dict:
+    """Batch ``k`` of ``source``'s stream (fresh images per k), its latents drawn and noised with seeded noise, all at
+    time ``t``: x0, y, t, eps, drop (class dropout of ``cfg``), features (of ``feature_source`` when given: a swapped VAE)."""
+    source.start(k)
+    raw = source.next_batch()
+    features = raw.get("features", {})
+    if feature_source is not None:
+        feature_source.start(k)
+        swapped = feature_source.next_batch()
+        if not torch.equal(swapped["y"], raw["y"]):
+            raise AhpaError("the swapped VAE's data stream does not follow the same images; use the same data.* settings")
+        features = swapped.get("features", {})
+    g = step_generator(seed, k, device, stream=3)
+    shape = (n, *source.latent_shape)
+    x0 = source.sample_latent(raw, torch.randn(shape, generator=g, device=device))
+    eps = torch.randn(shape, generator=g, device=device)
+    drop = torch.rand(n, generator=g, device=device) < cfg.model.class_dropout
+    return {"x0": x0, "y": raw["y"], "t": torch.full((n,), float(t), device=device), "eps": eps, "drop": drop,
+            "features": features}
+
+
 def _static_objective(kind: str, keys: list[str], shapes: dict, base_cfg, sit):
     a = base_cfg.align
     depths = list(a.depths) or [sit.default_alignment_depth]
@@ -224,15 +258,7 @@ class GSNRRun:
 
     @staticmethod
     def _t_grid(args) -> list[float]:
-        if args.t:
-            values = [float(v) for v in args.t.split(",") if v.strip()]
-        else:
-            if args.num_t < 1:
-                raise AhpaError(f"--num-t must be at least 1, got {args.num_t}")
-            values = [(k + 0.5) / args.num_t for k in range(args.num_t)]  # bin centres of (0, 1)
-        if not values or any(not 0.0 <= v <= 1.0 for v in values):
-            raise AhpaError(f"--t values must lie in [0, 1], got {values}")
-        return values
+        return t_grid(args.num_t, args.t)
 
     def _other_config(self, path: str):
         p = Path(path)
@@ -273,23 +299,7 @@ class GSNRRun:
 
     def batch(self, k: int, t: float) -> dict:
         """The batch of grid point ``k``: fresh images (batch ``k`` of the stream) and noise, all at time ``t``."""
-        n, dev = self.args.n, self.device
-        self.source.start(k)
-        raw = self.source.next_batch()
-        features = raw.get("features", {})
-        if self.feature_source is not None:
-            self.feature_source.start(k)
-            swapped = self.feature_source.next_batch()
-            if not torch.equal(swapped["y"], raw["y"]):
-                raise AhpaError("the swapped VAE's data stream does not follow the same images; use the same data.* settings")
-            features = swapped.get("features", {})
-        g = step_generator(self.args.seed, k, dev, stream=3)
-        shape = (n, *self.source.latent_shape)
-        x0 = self.source.sample_latent(raw, torch.randn(shape, generator=g, device=dev))
-        eps = torch.randn(shape, generator=g, device=dev)
-        drop = torch.rand(n, generator=g, device=dev) < self.cfg.model.class_dropout
-        return {"x0": x0, "y": raw["y"], "t": torch.full((n,), float(t), device=dev), "eps": eps, "drop": drop,
-                "features": features}
+        return trajectory_batch(self.source, self.cfg, self.args.n, self.args.seed, k, t, self.device, self.feature_source)
 
     def describe(self) -> dict:
         a = self.args
