@@ -6,6 +6,8 @@ one line and exits with status 2, without a traceback.  The message must say
 what was wrong and what to do about it.
 """
 
+import errno
+
 
 class AhpaError(Exception):
     """An error caused by user input, with a message that names the fix."""
@@ -29,8 +31,6 @@ DISK_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded")
 def disk_full(err: BaseException | None) -> str | None:
     """"No space left on device" (or "Disk quota exceeded") when ``err`` or an exception in its chain
     (``__cause__`` / ``__context__``) is a full disk or quota, else None."""
-    import errno
-
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))

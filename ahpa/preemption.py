@@ -21,6 +21,9 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
+import torch.distributed as dist
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later"; a requeue script tests it
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Tests: ``AHPA_TEST_SIGTERM_AT=N`` makes a command send itself SIGTERM in its N-th unit of work: ``train`` during
@@ -79,6 +82,27 @@ def stop_vote(local: bool, reduce: Callable[[int], int] | None = None) -> bool:
     """One decision for all ranks: stop when any rank received a signal.  ``reduce``: sum of an int over ranks
     (None: one process)."""
     return bool(reduce(int(local))) if reduce is not None else local
+
+
+def vote_reduce(world: int) -> Callable[[int], int] | None:
+    """The ``reduce`` of :func:`stop_vote` for ``world`` training processes: a sum over ranks of one int per step,
+    on the CPU over gloo (a second, gloo group beside NCCL), so it adds no GPU synchronisation; None for one."""
+    if world == 1:
+        return None
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def reduce(value: int) -> int:
+        flag = torch.tensor([value], dtype=torch.int32)
+        dist.all_reduce(flag, group=group)
+        return int(flag.item())
+
+    return reduce
+
+
+def preempted(where: str) -> Preempted:
+    """The training loop's stop: ``where`` (step and checkpoint), the signal, and how to resume."""
+    sig = requested()
+    return Preempted(f"stopped on {sig.name if sig else 'a stop signal to another rank'} {where}; rerun the same command to resume")
 
 
 def ignore_in_worker(worker_id: int = 0) -> None:

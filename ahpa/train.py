@@ -118,7 +118,6 @@ class Trainer:
         # FSDP shards the objective: router plots and logs read an unsharded copy (ahpa/distributed.py)
         self.plain_objective = copy.deepcopy(self.objective) if self.fsdp and self.objective is not None else None
         if self.fsdp and self.world > 1:  # before the optimizer: sharding replaces the parameters
-
             shard_training_module(self.module.to(self.device))
         params = optimizer_param_groups(self.module, cfg)  # router lr multiplier: its own group
         # fused AdamW on CUDA: one kernel for all parameters, step counts on the device (no host sync)
@@ -133,15 +132,11 @@ class Trainer:
             sharded = sum(is_sharded(p) for p in self.module.parameters())
             acc.print(f"FSDP2: {sharded} of {len(list(self.module.parameters()))} parameter tensors sharded over {self.world} process(es)")
 
-        self.step = 0
-        self.history: list[dict] = []
-        self.wandb_run = None
+        self.step, self.history, self.wandb_run = 0, [], None
         context = {"context_tokens": self.sit.context_tokens, "context_dim": self.sit.context_dim} if self.text else None
-        # what sampling needs, in every weights file's metadata (build.weights_meta)
-        self.meta = weights_meta(cfg, (latent_channels, latent_size), (self.source.scale, self.source.shift), context=context)
+        self.meta = weights_meta(cfg, (latent_channels, latent_size), (self.source.scale, self.source.shift), context=context)  # for sampling
         self._check_disk_space()
-        self.resumes: list[dict] = []
-        nonfinite_skipped = 0
+        self.resumes, nonfinite_skipped = [], 0
         if resume:
             ckpt, loaded = resume_from_latest(self.out, lambda c: load_checkpoint(
                 c, ema=self.ema, **self._load_targets()), log=acc.print)
@@ -157,14 +152,13 @@ class Trainer:
                     torch.cuda.set_rng_state(own["cuda"])
                 acc.print(f"resumed from {ckpt} at step {self.step}")
         if cfg.train.init_from and latest_checkpoint(self.out) is None:  # a new run continuing a REPA checkpoint
-
             self.step, note = init_from_repa(cfg.train.init_from, sit=self.sit, ema=self.ema, objective=self.objective,
                                              optimizer=self.optimizer, module=self.module)
             if self.step >= cfg.train.steps:
                 raise AhpaError(f"train.init_from is at step {self.step}, train.steps={cfg.train.steps} leaves nothing to train; set train.steps > {self.step} (the total count)")
             acc.print(note)
 
-        self._vote = self._stop_vote_reduce()
+        self._vote = preemption.vote_reduce(self.world)
         self.guard = NonFiniteGuard(self.device, skipped=nonfinite_skipped,
                                     reduce=(lambda x: acc.reduce(x, reduction="sum")) if self.world > 1 else None)
         self.source.start(self.step)
@@ -181,22 +175,6 @@ class Trainer:
                 if sub.is_dir():
                     remove_temps_in(sub)
         return lock
-
-    def _stop_vote_reduce(self):
-        """The preemption stop vote (ahpa/preemption.py): a sum over ranks of one int per step, on the CPU over gloo
-        (a second, gloo group beside NCCL), so it adds no GPU synchronisation; None for one process."""
-        if self.world == 1:
-            return None
-        import torch.distributed as dist
-
-        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-
-        def reduce(value: int) -> int:
-            flag = torch.tensor([value], dtype=torch.int32)
-            dist.all_reduce(flag, group=group)
-            return int(flag.item())
-
-        return reduce
 
     def _check_disk_space(self) -> None:
         """One checkpoint (model + EMA + AdamW moments + objective, float32) must fit before training starts."""
@@ -377,20 +355,14 @@ class Trainer:
             self._log(running, writer, bar, time.perf_counter() - t_start)
         saved = latest_checkpoint(self.out)
         ckpt = saved if saved is not None and saved.name == f"{self.step:07d}" else self.save()
-        if preempted:  # a checkpoint of the last finished step is written (a second signal only set the flag again)
-            if writer is not None:
-                writer.close()
-            if self.wandb_run is not None:
-                self.wandb_run.finish()
-            where = ckpt or latest_checkpoint(self.out) or f"{self.out}/checkpoints/{self.step:07d}"
-            sig = preemption.requested()
-            raise preemption.Preempted(f"stopped on {sig.name if sig else 'a stop signal to another rank'} at step {self.step}; checkpoint {where}; "
-                                       "rerun the same command to resume")
-        if acc.is_main_process:
+        if acc.is_main_process and not preempted:
             self.save_sample_grid(self.out / "samples.png")
+        if writer is not None:
             writer.close()
-            if self.wandb_run is not None:
-                self.wandb_run.finish()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if preempted:  # a checkpoint of the step in flight is written (a second signal only set the flag again)
+            raise preemption.preempted(f"at step {self.step}; checkpoint {ckpt or latest_checkpoint(self.out)}")
         elapsed = time.perf_counter() - t_start
         return {
             "steps": self.step, "stopped_early": stopped_early, "train_seconds": elapsed,

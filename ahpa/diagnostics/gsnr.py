@@ -8,10 +8,9 @@ noise per t, the same ones for every target), and the per-sample gradients
     G-SNR = ||g_bar||^2 / tr(S)            (per-sample form)
     n * G-SNR                              (batch-mean form: the SNR of the batch-mean gradient)
 
-plus the cosine between the mean diffusion gradient and ``g_bar`` (gradient
-conflict, App. E.1).  The paper's equation is lost (docs/design.md section 9); both forms
-are reported and the raw ingredients are written so any other normalisation can
-be recomputed.
+plus the cosine between the mean diffusion gradient and ``g_bar`` (gradient conflict, App. E.1).
+The paper's equation is lost (docs/design.md section 9); both forms are reported and the raw
+ingredients are written so any other normalisation can be recomputed.
 
 A *target* is an alignment objective evaluated on the same backbone:
 

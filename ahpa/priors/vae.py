@@ -34,6 +34,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 
 from ahpa.errors import AhpaError
+from ahpa.io import file_sha256
 
 TINY_VAE_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_vae"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -84,8 +85,6 @@ def vae_weights_sha256(path: str | os.PathLike) -> str | None:
     """sha256 of the VAE's weights file (``diffusion_pytorch_model.*``): its identity in a weights file's meta,
     whatever name reached it (a repo id, a local copy).  None when the VAE is not on this machine.
     Cached per file (size, mtime): SD-VAE's 335 MB take about a second once."""
-    from ahpa.io import file_sha256
-
     try:
         directory = vae_directory(path)
     except AhpaError:
