@@ -5,7 +5,8 @@ generated image folder with the tiny VAE, and a projected one too when ``ahpa ex
 
 1. bytes per image from the cache manifest (shard bytes / items) and whether it is projected (its manifest's
    ``projection`` entry);
-2. images/s and bytes/s read through the training reader: ``CacheDataset`` with training's arguments (float16,
+2. images/s and bytes/s read through the training reader (and again without the shards' checksums, ``verify="size"``,
+   for the time ratio of verified reads): ``CacheDataset`` with training's arguments (float16,
    flips as stored, every stored group) and ``ahpa.data.batches._loader`` (training's DataLoader: persistent
    workers, prefetch 4, pinned memory on CUDA) over training's shard-windowed ``ResumableSampler``, for each
    worker count in ``--workers``.  Before each count the cache's pages are dropped from the page cache
@@ -86,13 +87,14 @@ def drop_from_page_cache(cache: Path, manifest: dict) -> bool:
     return True
 
 
-def read_rate(cache: Path, workers: int, batch: int, batches: int, cold: bool) -> dict:
-    """Images/s through training's dataset, sampler and DataLoader with ``workers`` worker processes."""
+def read_rate(cache: Path, workers: int, batch: int, batches: int, cold: bool, verify: str = "fast") -> dict:
+    """Images/s through training's dataset, sampler and DataLoader with ``workers`` worker processes; ``verify``:
+    ``"fast"`` (training's default: each shard's xxh3_64 checked at its first read) or ``"size"`` (no checksum)."""
     manifest = read_manifest(cache)
     dropped = drop_from_page_cache(cache, manifest) if cold else False
     cfg = Config()
     cfg.data.num_workers = workers
-    dataset = CacheDataset(cache, flip=None, dtype=torch.float16)
+    dataset = CacheDataset(cache, flip=None, dtype=torch.float16, verify=verify)
     sampler = ResumableSampler(len(dataset), batch, seed=0, shard_sizes=dataset.shard_sizes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = iter(_loader(dataset, sampler, cfg, device))
@@ -137,6 +139,10 @@ def main(argv=None) -> dict:
             manifest = read_manifest(cache)
             per_image = cache_bytes_per_image(manifest)
             rows = [read_rate(cache, w, args.batch, args.batches, not args.warm) for w in workers]
+            for r, w in zip(rows, workers):  # the verified reads' cost (issue 19): the same reads without checksums
+                plain = read_rate(cache, w, args.batch, args.batches, not args.warm, verify="size")
+                r["images_per_s_without_checksums"] = plain["images_per_s"]
+                r["checksum_time_ratio"] = plain["images_per_s"] / r["images_per_s"]
             for r in rows:
                 r["bytes_per_s"] = r["images_per_s"] * per_image
                 r["fraction_of_need_at_8_1_it_s"] = r["images_per_s"] / needed_images["vanilla"]
@@ -145,7 +151,8 @@ def main(argv=None) -> dict:
                             "needed_bytes_per_s": {k: v * per_image for k, v in needed_images.items()}})
             for r in rows:
                 print(f"{cache.name}: {r['workers']} workers {r['images_per_s']:.0f} img/s, {r['bytes_per_s'] / 2**20:.0f} MiB/s "
-                      f"({r['fraction_of_need_at_8_1_it_s']:.2f} of 2,074 img/s)", flush=True)
+                      f"({r['fraction_of_need_at_8_1_it_s']:.2f} of 2,074 img/s); time ratio with / without checksums "
+                      f"{r['checksum_time_ratio']:.3f}", flush=True)
     result = {"caches": results, "needed_images_per_s": needed_images,
               "sd_vae_g3g4_float16_bytes_per_image_256px": sd_bytes,
               "sd_vae_g3g4_needed_gib_per_s": {k: v * sd_bytes / 2**30 for k, v in needed_images.items()}, "notes": notes}
