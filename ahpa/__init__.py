@@ -1,3 +1,3 @@
 """AHPA: Adaptive Hierarchical Prior Alignment for diffusion transformers."""
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
