@@ -13,8 +13,8 @@ import importlib
 import sys
 
 from ahpa import __version__
-from ahpa.distributed import launch_mismatch
 from ahpa.errors import AhpaError, disk_full
+from ahpa.launch import launch_mismatch
 from ahpa.preemption import EXIT_PREEMPTED, Preempted
 
 # Each module defines register(subparsers) for the subcommands named beside it.

@@ -22,7 +22,7 @@ LAZY_ALLOWED = {"transformers", "timm", "sklearn", "wandb", "torch_fidelity", "a
 
 # The floors of the architecture, lowest first: a module may import from its own floor and below.
 FLOORS = [
-    {"ahpa", "ahpa.errors", "ahpa.counter_rng", "ahpa.nonfinite", "ahpa.distributed", "ahpa.preemption"},  # "ahpa": the version
+    {"ahpa", "ahpa.errors", "ahpa.counter_rng", "ahpa.nonfinite", "ahpa.distributed", "ahpa.preemption", "ahpa.launch"},  # "ahpa": the version
     {"ahpa.io", "ahpa.config_rules", "ahpa.align", "ahpa.transport", "ahpa.sampling_speed"},
     {"ahpa.config", "ahpa.models", "ahpa.sampling", "ahpa.checkpointing", "ahpa.router_plot"},
     {"ahpa.priors", "ahpa.training_module", "ahpa.resume"},

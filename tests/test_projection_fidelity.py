@@ -13,7 +13,7 @@ from ahpa.align.objective import AlignmentObjective
 from ahpa.build import build_source
 from ahpa.cli import main as cli_main
 from ahpa.config import load_config
-from ahpa.data.projection import group_moments, load_projection, random_projection
+from ahpa.data.projection import Projection, group_moments, load_projection, random_projection, save_projection
 from ahpa.diagnostics.projection_fidelity import fit_projections, gradient_fidelity, project_channels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,3 +113,12 @@ def test_diagnose_projection_on_the_toy_and_the_study_projection_file(tmp_path):
     cfg = load_config(ROOT / "configs" / "toy-pc.yaml", [f"prior.project={STUDY_PROJECTION}", "train.global_batch=4"])
     source = build_source(cfg, device="cpu", per_rank=4)
     assert {g: s[1] for g, s in source.group_shapes.items()} == {"G3": 8, "G4": 8}
+    # the file is never replaced: the same fit again is accepted, another projection in its place is refused
+    args = ["diagnose", "projection", "--config", str(ROOT / "configs" / "toy-pc.yaml"), "--out", str(out), "--k", "8",
+            "--explained-only", "--save-projection", "8", "--quiet"]
+    assert cli_main(args) == 0
+    file = out / "projection-pca8.safetensors"
+    file.unlink()
+    save_projection(file, Projection({g: -m for g, m in written.matrices.items()}, "pca", "token", 0.6, written.explained))
+    before = file.read_bytes()
+    assert cli_main(args) == 2 and file.read_bytes() == before

@@ -206,3 +206,13 @@ def test_steps_to_reach_interpolates_between_milestones_and_the_speedup_section(
     assert "| fast | <=100, 186 | 143 ± 545 | 1.40x | 0 |" in md
     assert "| slow | >200, 200 | 200 | 1.00x | 1 |" in md
     assert "| vanilla | 200, 200 | 200 ± 0 | 1.00x [1.00, 1.00] | 0 |" in md
+
+
+def test_another_studys_directory_is_refused_not_overwritten(tmp_path, capsys):
+    path = write_study(tmp_path / "s.yaml", [{"name": "a", "config": TOY}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.yaml").write_text("name: other\n")
+    assert cli_main(["study", "--config", str(path), "--out", str(out), "--run", "a-s0"]) == 2
+    assert "holds study 'other', not 'tiny'" in capsys.readouterr().err
+    assert (out / "study.yaml").read_text() == "name: other\n" and sorted(p.name for p in out.iterdir()) == ["study.yaml"]

@@ -423,7 +423,8 @@ def extract_cache(
                 committed += 1
                 preemption.send_test_signal(committed)
                 if preemption.requested() is not None:  # SIGTERM/SIGUSR1: stop at this shard boundary, it is written
-                    writing, _ = None, writing.result()
+                    writing.result()  # this shard's commit finishes before the stop
+                    writing = None
                     written = sum(_done(out, j) is not None for j in range(len(shards)))
                     preemption.check(f"{written} of {len(shards)} shards of {out} are written; rerun the same command to continue")
             if stop_after is not None and encoded >= stop_after:

@@ -165,7 +165,7 @@ def _static_objective(kind: str, keys: list[str], shapes: dict, base_cfg, sit):
 
 # ---------------------------------------------------------------------- command
 
-def _source_config(cfg, keys: set[str], n: int, seed: int, teacher=None):
+def source_config(cfg, keys: set[str], n: int, seed: int, teacher=None):
     """A copy of ``cfg`` whose data source yields ``n`` samples per batch and the VAE and teacher groups in
     ``keys``; ``teacher``: the ``teacher.*`` section of the target config that brings a teacher group."""
     c = copy.deepcopy(cfg)
@@ -199,7 +199,7 @@ class GSNRRun:
             raise AhpaError(f"--n must be at least 2 (the covariance needs two samples), got {args.n}")
         if args.method not in METHODS:
             raise AhpaError(f"unknown --method '{args.method}'; choose one of: {', '.join(METHODS)}")
-        self.t_values = self._t_grid(args)
+        self.t_values = t_grid(args.num_t, args.t)
         specs = args.target or []
         parsed = [parse_target(s) for s in specs]
         overrides = list(args.overrides or [])
@@ -227,7 +227,7 @@ class GSNRRun:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = device
         teachers = [o.teacher for o, _ in other_cfgs.values() if any(g in TEACHER_GROUPS for g in o.prior.groups)]
-        src_cfg = _source_config(cfg, keys, args.n, args.seed, teachers[0] if teachers else None)
+        src_cfg = source_config(cfg, keys, args.n, args.seed, teachers[0] if teachers else None)
         self.source = build_source(src_cfg, device=device, rank=0, world=1, per_rank=args.n)
         self.feature_source = None
         if vae_swap:  # Table B.10: the supervisor encoder changes, the backbone's latents do not
@@ -254,10 +254,6 @@ class GSNRRun:
             self.targets.append(self._target(kind, rest, spec, own, shapes, other_cfgs.get(spec)))
         for t in self.targets:  # validate the parameter set of every target now
             select_parameters(AlignmentProbe(self.sit, t.objective, self.transport), args.params)
-
-    @staticmethod
-    def _t_grid(args) -> list[float]:
-        return t_grid(args.num_t, args.t)
 
     def _other_config(self, path: str):
         p = Path(path)

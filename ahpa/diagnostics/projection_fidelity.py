@@ -34,8 +34,8 @@ from ahpa.align.losses import alignment_loss
 from ahpa.build import build_backbone, build_objective, build_source, build_transport, vae_groups
 from ahpa.config import load_config
 from ahpa.data.images import ImageFolderDataset
-from ahpa.data.projection import Projection, group_moments, pca_from_moment, pca_subset, save_projection, subset_features
-from ahpa.diagnostics.gsnr import _source_config, t_grid, trajectory_batch
+from ahpa.data.projection import Projection, group_moments, load_projection, pca_from_moment, pca_subset, save_projection, subset_features
+from ahpa.diagnostics.gsnr import source_config, t_grid, trajectory_batch
 from ahpa.errors import AhpaError
 from ahpa.io import write_json_atomic
 from ahpa.runs import checkpoint_dir, load_backbone, load_objective, read_config
@@ -168,7 +168,9 @@ def run_projection(args: argparse.Namespace) -> int:
     ts = [] if args.explained_only else t_grid(args.num_t, args.t)
     if args.n < 1:
         raise AhpaError(f"--n must be at least 1, got {args.n}")
-    src_cfg = _source_config(cfg, set(cfg.prior.groups), args.n, args.seed)
+    if args.save_projection and args.save_projection not in ks:
+        raise AhpaError(f"--save-projection {args.save_projection} is not one of --k {args.k}")
+    src_cfg = source_config(cfg, set(cfg.prior.groups), args.n, args.seed)
     source = build_source(src_cfg, device=device, rank=0, world=1, per_rank=args.n)
     if sit is None and not args.explained_only:  # --config: the fresh initialisation, as training's step 0
         torch.manual_seed(cfg.train.seed)
@@ -179,10 +181,12 @@ def run_projection(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.save_projection:
-        if args.save_projection not in matrices:
-            raise AhpaError(f"--save-projection {args.save_projection} is not one of --k {args.k}")
         k = args.save_projection
         file = out / f"projection-pca{k}.safetensors"
+        if file.exists():  # never replaced: a run may train on it; the same fit again is fine
+            old = load_projection(file)
+            if old.matrices.keys() != matrices[k].keys() or any(not torch.allclose(old.matrices[g], matrices[k][g], atol=1e-5) for g in old.matrices):
+                raise AhpaError(f"{file} exists and holds another projection; remove it or choose another --out")
         save_projection(file, Projection(matrices[k], "pca", cfg.prior.normalize, cfg.prior.normalize_alpha,
                                          {g: explained[g][k] for g in explained}))
         print(f"wrote {file} (prior.project={file} trains on it on the fly)")

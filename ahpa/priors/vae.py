@@ -45,18 +45,7 @@ def load_vae(
     path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> AutoencoderKL:
     """Load a frozen diffusers VAE (eval mode, no gradients) from a local source (module docstring)."""
-    path = str(path)
-    if path == "tiny":
-        directory = _diffusers_dir(
-            TINY_VAE_DIR, "the bundled tiny VAE is missing; create it with `ahpa train-vae` or reinstall ahpa"
-        )
-    elif _REPO_ID.fullmatch(path) and not os.path.exists(path):
-        directory = _hub_cache_dir(path)
-    else:
-        directory = _diffusers_dir(
-            Path(path).expanduser(),
-            "pass a diffusers AutoencoderKL directory, a Hugging Face repo id in the local cache, or 'tiny'",
-        )
+    directory = vae_directory(path)
     cls = vae_class(directory)
     if dtype == torch.float16 and _config(directory).get("force_upcast", True):
         dtype = torch.float32  # SDXL-VAE overflows in float16 (its config: force_upcast)

@@ -112,6 +112,19 @@ def _run_jobs(study: Study, out: Path, jobs: int, study_arg: list[str]) -> None:
         raise AhpaError(f"runs failed: {', '.join(failed)}; see {out / 'logs'}; rerun the study to continue them")
 
 
+def check_study_dir(out: Path, name: str) -> None:
+    """``out`` is new, or holds this study (its ``study.yaml`` names it): another study's directory is refused,
+    never overwritten (its runs, tables and study.yaml are not this study's to replace)."""
+    previous = out / "study.yaml"
+    if previous.is_file():
+        try:
+            held = (yaml.safe_load(previous.read_text()) or {}).get("name")
+        except yaml.YAMLError:
+            held = "(unreadable study.yaml)"
+        if held != name:
+            raise AhpaError(f"{out} holds study {held!r}, not {name!r}; choose another --out (a study resumes only in its own directory)")
+
+
 def run(args: argparse.Namespace) -> int:
     if bool(args.preset) == bool(args.config):
         raise AhpaError(f"pass exactly one of --preset NAME ({', '.join(list_presets())}) or --config STUDY.yaml")
@@ -138,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     names = {run_name(m, s): (m, s) for m, s in study.runs()}
     if args.run and args.run not in names:
         raise AhpaError(f"--run {args.run} is not a run of this study; runs: {', '.join(names)}")
+    check_study_dir(out, study.name)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "study.yaml", yaml.safe_dump(study.raw, sort_keys=False))
     with preemption.handlers():  # SIGTERM/SIGUSR1: every run stops at its next checkpoint / unit, exit 75
