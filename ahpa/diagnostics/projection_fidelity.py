@@ -166,8 +166,8 @@ def run_projection(args: argparse.Namespace) -> int:
     cfg, sit, objective, ckpt = load_run(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ts = [] if args.explained_only else t_grid(args.num_t, args.t)
-    if args.n < 1:
-        raise AhpaError(f"--n must be at least 1, got {args.n}")
+    if args.n < 1 or args.pca_images < 1:
+        raise AhpaError(f"--n and --pca-images must be at least 1, got {args.n} and {args.pca_images}")
     if args.save_projection and args.save_projection not in ks:
         raise AhpaError(f"--save-projection {args.save_projection} is not one of --k {args.k}")
     src_cfg = source_config(cfg, set(cfg.prior.groups), args.n, args.seed)
